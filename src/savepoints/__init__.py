@@ -1,0 +1,55 @@
+"""savepoints: atomic, verified, pickle-free save points for PyTorch and Transformers.
+
+    from savepoints import SavePoints, Keep
+    with SavePoints("runs/my-run", keep=Keep(last=3, best=1, metric="eval_loss")) as points:
+        points.save(step, model=model, optimizer=optimizer, metrics={"eval_loss": 0.4})
+        state = points.restore(model=model, optimizer=optimizer)
+"""
+
+from __future__ import annotations
+
+from savepoints.errors import (
+    CorruptSavePointError,
+    InvalidArgumentError,
+    ManifestError,
+    MetricNotFoundError,
+    NotARunError,
+    ReadOnlyRunError,
+    RunLockedError,
+    RunNotFoundError,
+    RunNotWritableError,
+    SavePointExistsError,
+    SavePointNotFoundError,
+    SavePointsError,
+    StateMismatchError,
+    UnserializableStateError,
+    UnsupportedFormatError,
+)
+from savepoints.integrity import Problem, VerifyReport
+from savepoints.keep import Keep
+from savepoints.manager import SavePoint, SavePoints, __version__, verify
+
+__all__ = [
+    "CorruptSavePointError",
+    "InvalidArgumentError",
+    "Keep",
+    "ManifestError",
+    "MetricNotFoundError",
+    "NotARunError",
+    "Problem",
+    "ReadOnlyRunError",
+    "RunLockedError",
+    "RunNotFoundError",
+    "RunNotWritableError",
+    "SavePoint",
+    "SavePointExistsError",
+    "SavePointNotFoundError",
+    "SavePoints",
+    "SavePointsError",
+    "StateMismatchError",
+    "UnserializableStateError",
+    "UnsupportedFormatError",
+    "VerifyReport",
+    "__version__",
+    "verify",
+]

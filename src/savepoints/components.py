@@ -1,0 +1,404 @@
+"""What goes into a save point, and how it comes back out.
+
+Each component (model, tokenizer, optimizer, scheduler, RNG) has a *write* that puts its
+files into a staging folder and returns a small description for the manifest's
+``contents``, and a *restore* that checks everything fits before it changes anything.
+
+Transformers models are recognised by duck typing (a ``config`` with
+``save_pretrained``), never by importing transformers: the core stays free of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from savepoints.errors import StateMismatchError, UnserializableStateError
+from savepoints.integrity import StreamHasher, hash_file
+from savepoints.layout import TRAINING_STATE_DIR
+from savepoints.manifest import FileEntry
+from savepoints.serialize import decode_tree, encode_tree, read_safetensors, write_safetensors
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+@dataclass
+class FileRecorder:
+    """Collects the files written into a staging folder, with size and hash."""
+
+    root: Path
+    files: dict[str, FileEntry] = field(default_factory=dict)
+
+    def path(self, rel: str) -> Path:
+        p = self.root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def write_tensors(
+        self, rel: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+    ) -> None:
+        h = StreamHasher()
+        size = write_safetensors(self.path(rel), tensors, metadata, hasher=h)
+        self.files[rel] = FileEntry(size, h.hexdigest())
+
+    def write_json(self, rel: str, data: Any) -> None:
+        raw = json.dumps(data, indent=1, allow_nan=False).encode()
+        path = self.path(rel)
+        with open(path, "xb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        h = StreamHasher()
+        h.update(raw)
+        self.files[rel] = FileEntry(len(raw), h.hexdigest())
+
+    def adopt_new_files(self) -> list[str]:
+        """Record (hash and fsync) files that third-party code wrote into the folder."""
+        added = []
+        for dirpath, _, filenames in os.walk(self.root):
+            for name in filenames:
+                full = Path(dirpath) / name
+                rel = full.relative_to(self.root).as_posix()
+                if rel in self.files:
+                    continue
+                if full.is_symlink():
+                    raise OSError(f"{rel} was written as a symbolic link; save points hold files only")
+                with open(full, "rb") as f:
+                    os.fsync(f.fileno())
+                size, digest = hash_file(full)
+                self.files[rel] = FileEntry(size, digest)
+                added.append(rel)
+        return sorted(added)
+
+
+# --------------------------------------------------------------------------------------
+# Model
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that holds the weights, under DDP/DataParallel and torch.compile."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(
+            getattr(model, "module", None), torch.nn.Module
+        ):
+            model = model.module
+        else:
+            return model
+
+
+def is_transformers_model(model: object) -> bool:
+    config = getattr(model, "config", None)
+    return callable(getattr(model, "save_pretrained", None)) and callable(
+        getattr(config, "save_pretrained", None)
+    )
+
+
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    """Names Transformers drops on save because they alias another weight."""
+    names: set[str] = set()
+    for attr in ("all_tied_weights_keys", "_tied_weights_keys"):
+        tied = getattr(model, attr, None)
+        if isinstance(tied, Mapping):
+            names.update(str(k) for k in tied)
+        elif isinstance(tied, (list, tuple, set)):
+            names.update(str(k) for k in tied)
+    return names
+
+
+def alias_groups(state: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """Groups of state dict names that are the very same tensor (tied weights)."""
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name, t in state.items():
+        if t.numel() == 0:
+            continue
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+        groups.setdefault(key, []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors to write (each stored once) and ``{dropped name: kept name}``."""
+    state = model.state_dict()
+    prefer_dropped = _tied_names(model)
+    dropped: dict[str, str] = {}
+    for group in alias_groups(state):
+        keepers = [n for n in group if n not in prefer_dropped] or group
+        kept = keepers[0]
+        for name in group:
+            if name != kept:
+                dropped[name] = kept
+    return {k: v for k, v in state.items() if k not in dropped}, dropped
+
+
+def write_model(
+    rec: FileRecorder, model: torch.nn.Module, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> dict[str, Any]:
+    model = unwrap_model(model)
+    tensors, tied = model_tensors(model)
+    hf = is_transformers_model(model)
+    info: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    if hf:
+        info["kind"] = "transformers"
+        _write_transformers_config(rec, model)
+    else:
+        info["kind"] = "torch"
+    shards = _plan_shards(tensors, max_shard_bytes)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        rec.write_tensors(WEIGHTS_NAME, _on_cpu(shards[0]), metadata)
+        info["files"] = [WEIGHTS_NAME]
+    else:
+        weight_map: dict[str, str] = {}
+        names = []
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            rec.write_tensors(fname, _on_cpu(shard), metadata)
+            weight_map.update({k: fname for k in shard})
+            names.append(fname)
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        rec.write_json(
+            WEIGHTS_INDEX_NAME,
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+        )
+        info["files"] = [WEIGHTS_INDEX_NAME, *names]
+    info["tensors"] = len(tensors)
+    info["bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
+    if tied:
+        info["tied"] = dict(sorted(tied.items()))
+    return info
+
+
+def _on_cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in tensors.items()}
+
+
+def _plan_shards(
+    tensors: Mapping[str, torch.Tensor], max_bytes: int
+) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    return shards
+
+
+def _write_transformers_config(rec: FileRecorder, model: Any) -> None:
+    # What save_pretrained records, so from_pretrained and pipelines find the class and
+    # dtype; done through the model's own objects, so transformers is never imported.
+    config = model.config
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        config.dtype = str(dtype).removeprefix("torch.")
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(str(rec.root))
+    can_generate = getattr(model, "can_generate", None)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and callable(can_generate) and can_generate():
+        generation_config.save_pretrained(str(rec.root))
+    rec.adopt_new_files()
+
+
+def write_tokenizer(rec: FileRecorder, tokenizer: Any) -> dict[str, Any]:
+    save = getattr(tokenizer, "save_pretrained", None)
+    if not callable(save):
+        raise UnserializableStateError(
+            "tokenizer",
+            type(tokenizer).__name__,
+            tokenizer,
+            "it has no save_pretrained() method (pass a Transformers tokenizer or processor)",
+        )
+    save(str(rec.root))
+    files = rec.adopt_new_files()
+    return {"class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}", "files": files}
+
+
+def read_model_tensors(folder: Path, info: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for rel in info.get("files", [WEIGHTS_NAME]):
+        if rel.endswith(".safetensors"):
+            tensors.update(read_safetensors(folder / rel))
+    return tensors
+
+
+def restore_model(model: torch.nn.Module, folder: Path, info: Mapping[str, Any]) -> None:
+    model = unwrap_model(model)
+    loaded = read_model_tensors(folder, info)
+    live = model.state_dict()
+    aliases: dict[str, str] = {}
+    for group in alias_groups(live):
+        present = [n for n in group if n in loaded]
+        for name in group:
+            if name not in loaded and present:
+                aliases[name] = present[0]
+    missing = sorted(k for k in live if k not in loaded and k not in aliases)
+    unexpected = sorted(k for k in loaded if k not in live)
+    mismatched = sorted(
+        f"{k} (saved {tuple(loaded[k].shape)} {loaded[k].dtype}, "
+        f"model {tuple(live[k].shape)} {live[k].dtype})"
+        for k in loaded
+        if k in live and (loaded[k].shape != live[k].shape or loaded[k].dtype != live[k].dtype)
+    )
+    if missing or unexpected or mismatched:
+        raise StateMismatchError("model", folder, missing, unexpected, mismatched)
+    # In place, so parameters keep their identity and the optimizer's references stay valid.
+    with torch.no_grad():
+        for name, tensor in loaded.items():
+            live[name].copy_(tensor)
+
+
+# --------------------------------------------------------------------------------------
+# Optimizer, scheduler and other objects with state_dict()
+
+
+def write_state(rec: FileRecorder, name: str, obj: Any) -> dict[str, Any]:
+    """Write ``obj.state_dict()`` as ``training_state/<name>.json`` (+ ``.safetensors``)."""
+    getter = getattr(obj, "state_dict", None)
+    if not callable(getter):
+        raise UnserializableStateError(
+            name, type(obj).__name__, obj, "it has no state_dict() method"
+        )
+    skeleton, tensors = encode_tree(getter(), f"{name} state")
+    return write_tree(rec, name, skeleton, tensors, cls=type(obj))
+
+
+def write_tree(
+    rec: FileRecorder,
+    name: str,
+    skeleton: Any,
+    tensors: Mapping[str, torch.Tensor],
+    cls: type | None = None,
+) -> dict[str, Any]:
+    base = f"{TRAINING_STATE_DIR}/{name}"
+    files = [f"{base}.json"]
+    rec.write_json(f"{base}.json", skeleton)
+    if tensors:
+        rec.write_tensors(f"{base}.safetensors", _on_cpu(tensors), {"format": "pt"})
+        files.append(f"{base}.safetensors")
+    info: dict[str, Any] = {"files": files}
+    if cls is not None:
+        info["class"] = f"{cls.__module__}.{cls.__qualname__}"
+    return info
+
+
+def read_tree(folder: Path, info: Mapping[str, Any]) -> Any:
+    files = list(info.get("files", []))
+    skeleton_file = next(f for f in files if f.endswith(".json"))
+    skeleton = json.loads((folder / skeleton_file).read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for rel in files:
+        if rel.endswith(".safetensors"):
+            tensors.update(read_safetensors(folder / rel))
+    return decode_tree(skeleton, tensors)
+
+
+def restore_optimizer(optimizer: Any, folder: Path, info: Mapping[str, Any]) -> None:
+    saved = read_tree(folder, info)
+    _check_class("optimizer", optimizer, folder, info)
+    groups = optimizer.state_dict()["param_groups"]
+    saved_groups = saved.get("param_groups", [])
+    if len(groups) != len(saved_groups):
+        raise StateMismatchError(
+            "optimizer",
+            folder,
+            why=f"it has {len(groups)} parameter group(s), the save point {len(saved_groups)}",
+        )
+    for i, (g, s) in enumerate(zip(groups, saved_groups)):
+        if len(g["params"]) != len(s["params"]):
+            raise StateMismatchError(
+                "optimizer",
+                folder,
+                why=f"parameter group {i} has {len(g['params'])} parameters, the save point "
+                f"{len(s['params'])}",
+            )
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_ids = [i for s in saved_groups for i in s["params"]]
+    mismatched = []
+    for pid, param in zip(saved_ids, params):
+        for key, value in saved.get("state", {}).get(pid, {}).items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.dim() > 0
+                and value.shape != param.shape
+            ):
+                mismatched.append(
+                    f"state[{pid}].{key} (saved {tuple(value.shape)}, parameter "
+                    f"{tuple(param.shape)})"
+                )
+    if mismatched:
+        raise StateMismatchError("optimizer", folder, mismatched=mismatched)
+    optimizer.load_state_dict(saved)
+
+
+def restore_object(what: str, obj: Any, folder: Path, info: Mapping[str, Any]) -> None:
+    _check_class(what, obj, folder, info)
+    obj.load_state_dict(read_tree(folder, info))
+
+
+def _check_class(what: str, obj: Any, folder: Path, info: Mapping[str, Any]) -> None:
+    saved = info.get("class")
+    live = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if saved and saved != live:
+        raise StateMismatchError(
+            what, folder, why=f"it is a {live}, but the save point holds a {saved}"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Random number generators
+
+
+def capture_rng() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    # Only when CUDA is already in use: initialising it just to read its RNG would
+    # be slow and can fail in forked workers.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and torch.backends.mps.is_available():
+        state["mps"] = mps.get_rng_state()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any], folder: Path) -> None:
+    setters: dict[str, Callable[[Any], None]] = {
+        "python": random.setstate,
+        "numpy": np.random.set_state,
+        "torch": torch.set_rng_state,
+    }
+    for key, setter in setters.items():
+        if key in state:
+            setter(state[key])
+    if "cuda" in state:
+        if torch.cuda.is_available() and torch.cuda.device_count() == len(state["cuda"]):
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            warnings.warn(
+                f"{folder} holds CUDA RNG states for {len(state['cuda'])} device(s) but "
+                f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} are "
+                "available here; CUDA random numbers will differ from the original run.",
+                stacklevel=3,
+            )
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])

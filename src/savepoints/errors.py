@@ -1,0 +1,230 @@
+"""Typed errors.
+
+Every error a user can cause is one of these. Each also inherits the matching built-in
+(``FileNotFoundError``, ``ValueError``...) so code that catches built-ins keeps working,
+carries the objects it is about as attributes (``.path``, ``.step``...), and its message
+says what went wrong, with which object, why, and ends with how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class SavePointsError(Exception):
+    """Base class of every error raised by savepoints."""
+
+    #: A short remedy, shown by the CLI on its own line; also the end of ``str(err)``.
+    hint: str = ""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        self.hint = hint
+        super().__init__(f"{message} {hint}".strip() if hint else message)
+
+
+class RunNotFoundError(SavePointsError, FileNotFoundError):
+    """A run folder that should exist does not."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(
+            f"Run folder {path} does not exist.",
+            "Check the path, or open it for writing (readonly=False) to create it.",
+        )
+
+
+class NotARunError(SavePointsError, NotADirectoryError):
+    """The run path exists but is not a folder (a file, say)."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        self.path = path
+        super().__init__(
+            f"{path} cannot be a savepoints run: {why}.",
+            "Pass a folder path (it is created if missing), or move the file away.",
+        )
+
+
+class RunNotWritableError(SavePointsError, PermissionError):
+    """The run folder cannot be written (permissions, read-only file system)."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        self.path = path
+        super().__init__(
+            f"Cannot write save points into {path}: {why}.",
+            "Fix the folder's permissions, pick a writable path, or open the run with "
+            "readonly=True to only read it. Nothing already saved was touched.",
+        )
+
+
+class RunLockedError(SavePointsError, BlockingIOError):
+    """Another process has the run open for writing."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        self.path = path
+        self.holder = holder
+        super().__init__(
+            f"Run {path} is open for writing by another process ({holder}); two writers "
+            "would overwrite each other's save points.",
+            "Stop the other process, write to another run folder, or open this one with "
+            "SavePoints(path, readonly=True) to read it while the other process trains.",
+        )
+
+
+class ReadOnlyRunError(SavePointsError, PermissionError):
+    """A write was asked of a run opened with ``readonly=True``."""
+
+    def __init__(self, path: Path, action: str) -> None:
+        self.path = path
+        super().__init__(
+            f"Cannot {action}: run {path} was opened with readonly=True.",
+            "Open it with SavePoints(path) (readonly=False) to write.",
+        )
+
+
+class SavePointNotFoundError(SavePointsError, LookupError):
+    """No committed save point matches a step (or other selector)."""
+
+    def __init__(self, run: Path, selector: object, available: Sequence[int]) -> None:
+        self.run = run
+        self.selector = selector
+        self.available = list(available)
+        if self.available:
+            shown = ", ".join(str(s) for s in self.available[-10:])
+            more = f" (last 10 of {len(self.available)})" if len(self.available) > 10 else ""
+            have = f"it has steps {shown}{more}"
+        else:
+            have = "it has no committed save points yet"
+        super().__init__(
+            f"Run {run} has no save point {selector!r}: {have}.",
+            "Pick one of those steps (`savepoints list RUN` shows them).",
+        )
+
+
+class SavePointExistsError(SavePointsError, FileExistsError):
+    """Saving a step that is already committed, without ``overwrite=True``."""
+
+    def __init__(self, path: Path, step: int, committed: bool = True) -> None:
+        self.path = path
+        self.step = step
+        what = (
+            "a save point" if committed else "a folder that is not a committed save point "
+            "(no valid savepoint.json)"
+        )
+        super().__init__(
+            f"Cannot save step {step}: {path} already holds {what}; it was left untouched.",
+            "Pass overwrite=True to replace it, or save under another step.",
+        )
+
+
+class InvalidArgumentError(SavePointsError, ValueError):
+    """An argument has a value savepoints cannot use."""
+
+
+class MetricNotFoundError(SavePointsError, LookupError):
+    """``best()`` was asked for a metric no save point recorded."""
+
+    def __init__(self, run: Path, metric: str, recorded: Sequence[str]) -> None:
+        self.run = run
+        self.metric = metric
+        self.recorded = sorted(set(recorded))
+        have = ", ".join(self.recorded) if self.recorded else "none"
+        super().__init__(
+            f"No save point in {run} recorded the metric {metric!r} (metrics recorded: {have}).",
+            "Pass one of the recorded metrics, e.g. best(metric=..., mode='min'), or save "
+            "with metrics={...} that include it.",
+        )
+
+
+class UnsupportedFormatError(SavePointsError, ValueError):
+    """A manifest was written by a newer savepoints, in a format this one cannot read."""
+
+    def __init__(self, path: Path, found: int, supported: int, writer: str) -> None:
+        self.path = path
+        self.found = found
+        self.supported = supported
+        super().__init__(
+            f"{path} uses save point format {found} (written by savepoints {writer}); this "
+            f"savepoints reads formats up to {supported}.",
+            "Upgrade: pip install -U savepoints. The save point itself is fine.",
+        )
+
+
+class ManifestError(SavePointsError, ValueError):
+    """A manifest (``savepoint.json``) is missing, unreadable or malformed."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        self.path = path
+        super().__init__(
+            f"{path} is not a valid save point manifest: {why}.",
+            "This folder is not a committed save point; `savepoints verify` on its run "
+            "lists what is wrong. Restore from another save point.",
+        )
+
+
+class CorruptSavePointError(SavePointsError, ValueError):
+    """A save point failed verification: files missing, extra, truncated or altered."""
+
+    def __init__(self, path: Path, problems: Sequence[str]) -> None:
+        self.path = path
+        self.problems = list(problems)
+        listed = "; ".join(self.problems[:8])
+        more = f"; and {len(self.problems) - 8} more" if len(self.problems) > 8 else ""
+        super().__init__(
+            f"Save point {path} failed verification: {listed}{more}.",
+            "Restore another save point (points.list() shows them), or pass verify=False "
+            "to load it anyway at your own risk.",
+        )
+
+
+class UnserializableStateError(SavePointsError, TypeError):
+    """A value cannot be stored without pickle."""
+
+    def __init__(self, where: str, key: str, value: object, why: str = "") -> None:
+        self.where = where
+        self.key = key
+        self.value_type = type(value).__name__
+        reason = why or (
+            f"a {self.value_type} is neither a tensor nor a JSON value "
+            "(dict, list, tuple, str, int, float, bool, None)"
+        )
+        super().__init__(
+            f"Cannot save {where} {key!r}: {reason}; savepoints never uses pickle.",
+            "Convert it to tensors or plain JSON values (e.g. str(), float(), .tolist()) "
+            "before saving.",
+        )
+
+
+class StateMismatchError(SavePointsError, ValueError):
+    """A save point's state does not fit the object it is restored into."""
+
+    def __init__(
+        self,
+        what: str,
+        path: Path,
+        missing: Sequence[str] = (),
+        unexpected: Sequence[str] = (),
+        mismatched: Sequence[str] = (),
+        why: str = "",
+    ) -> None:
+        self.what = what
+        self.path = path
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = list(mismatched)
+        parts = []
+        for label, keys in (
+            ("missing from the save point", self.missing),
+            ("in the save point but not in the " + what, self.unexpected),
+            ("with another shape or dtype", self.mismatched),
+        ):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+                parts.append(f"{len(keys)} key(s) {label}: {shown}")
+        if why:
+            parts.append(why)
+        super().__init__(
+            f"Cannot restore the {what} from {path}: " + "; ".join(parts) + ".",
+            f"Build the {what} exactly as it was when saved (same class, config and "
+            "parameters); nothing was changed in it.",
+        )

@@ -1,0 +1,146 @@
+"""Content hashes and verification.
+
+The hash is BLAKE3: cryptographic (so it can later name blobs in a content-addressed
+store and resist deliberate collisions), and multi-threaded over large buffers, so it
+runs near memory speed and does not dominate a save. The manifest names the algorithm,
+so another one can be added without breaking old save points.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import blake3
+
+from savepoints.errors import CorruptSavePointError
+
+HASH_ALGORITHM = "blake3"
+_READ_CHUNK = 16 * 1024 * 1024
+
+
+class StreamHasher:
+    """Incremental hash of bytes as they are written."""
+
+    def __init__(self) -> None:
+        self._h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self.size = 0
+
+    def update(self, data: memoryview | bytes) -> None:
+        self._h.update(data)
+        self.size += len(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def hash_file(path: Path) -> tuple[int, str]:
+    """Size and hex digest of a file, read in large chunks."""
+    h = StreamHasher()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_READ_CHUNK)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.size, h.hexdigest()
+
+
+ProblemKind = Literal["missing", "extra", "truncated", "grown", "altered", "unsafe", "manifest"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a save point."""
+
+    kind: ProblemKind
+    path: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.kind} ({self.detail})"
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`savepoints.verify` found. Truthy when everything verified."""
+
+    path: Path
+    problems: list[Problem] = field(default_factory=list)
+    files_checked: int = 0
+    bytes_checked: int = 0
+    #: For a run folder: one report per save point folder, in step order.
+    children: list[VerifyReport] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(c.ok for c in self.children)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def all_problems(self) -> list[Problem]:
+        out = list(self.problems)
+        for child in self.children:
+            out.extend(
+                Problem(p.kind, f"{child.path.name}/{p.path}", p.detail) for p in child.all_problems()
+            )
+        return out
+
+    def raise_if_failed(self) -> None:
+        """Raise :class:`CorruptSavePointError` naming every problem, if any."""
+        if not self.ok:
+            raise CorruptSavePointError(self.path, [str(p) for p in self.all_problems()])
+
+
+def verify_files(folder: Path, expected: dict[str, tuple[int, str]], ignore: set[str]) -> VerifyReport:
+    """Compare ``folder`` against ``{relative path: (size, hash)}``.
+
+    Names every missing, extra, truncated, grown or altered file. Paths that are
+    symbolic links, or that would resolve outside ``folder``, are reported as unsafe and
+    never opened.
+    """
+    report = VerifyReport(path=folder)
+    root = folder.resolve()
+    for rel, (size, digest) in sorted(expected.items()):
+        target = folder / rel
+        if not _is_inside(root, target):
+            report.problems.append(Problem("unsafe", rel, "path leaves the save point folder"))
+            continue
+        if target.is_symlink():
+            report.problems.append(Problem("unsafe", rel, "is a symbolic link"))
+            continue
+        if not target.is_file():
+            report.problems.append(Problem("missing", rel, f"expected {size} bytes"))
+            continue
+        actual_size = target.stat().st_size
+        if actual_size < size:
+            report.problems.append(Problem("truncated", rel, f"{actual_size} of {size} bytes"))
+            continue
+        if actual_size > size:
+            report.problems.append(Problem("grown", rel, f"{actual_size} bytes, expected {size}"))
+            continue
+        _, actual = hash_file(target)
+        report.files_checked += 1
+        report.bytes_checked += size
+        if actual != digest:
+            report.problems.append(Problem("altered", rel, "content hash differs"))
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            rel = (Path(dirpath) / name).relative_to(folder).as_posix()
+            if rel not in expected and rel not in ignore:
+                report.problems.append(Problem("extra", rel, "not listed in the manifest"))
+    return report
+
+
+def _is_inside(root: Path, target: Path) -> bool:
+    try:
+        target.resolve().relative_to(root)
+    except ValueError:
+        return False
+    return True

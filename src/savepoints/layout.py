@@ -1,0 +1,94 @@
+"""The one place that names and parses the folders of a run.
+
+A run folder holds::
+
+    step-00000100/          a committed save point (has a valid savepoint.json)
+    step-00000200/
+    .savepoints/            private: never a save point
+        lock                held (flock) by the one process writing the run
+        staging/            save points being written; anything here is uncommitted
+        trash/              save points being deleted (renamed here first, so a crash
+                            mid-delete never leaves a half-deleted folder in the run)
+
+Steps are zero-padded to 8 digits so that ``ls`` sorts them; longer steps simply use
+more digits, and parsing accepts any number of digits.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST_NAME = "savepoint.json"
+PRIVATE_DIR = ".savepoints"
+STEP_PREFIX = "step-"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+#: Training state kept next to the model files, in a subfolder that Transformers ignores.
+TRAINING_STATE_DIR = "training_state"
+
+
+def folder_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def parse_step(name: str) -> int | None:
+    """The step a folder name stands for, or None when it is not a save point name."""
+    m = _STEP_RE.match(name)
+    if not m:
+        return None
+    step = int(m.group(1))
+    # Only the canonical spelling counts, so two folders never claim the same step.
+    return step if folder_name(step) == name else None
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths inside one run folder."""
+
+    root: Path
+
+    @property
+    def private(self) -> Path:
+        return self.root / PRIVATE_DIR
+
+    @property
+    def staging(self) -> Path:
+        return self.private / "staging"
+
+    @property
+    def trash(self) -> Path:
+        return self.private / "trash"
+
+    @property
+    def lock(self) -> Path:
+        return self.private / "lock"
+
+    def point_dir(self, step: int) -> Path:
+        return self.root / folder_name(step)
+
+    def new_staging_dir(self, step: int) -> Path:
+        # A random suffix: a retried save of the same step never meets its own leftovers.
+        return self.staging / f"{folder_name(step)}.{secrets.token_hex(4)}"
+
+    def new_trash_dir(self, step: int) -> Path:
+        return self.trash / f"{folder_name(step)}.{secrets.token_hex(4)}"
+
+    def candidate_dirs(self) -> Iterator[tuple[int, Path]]:
+        """Folders named like save points, sorted by step. Committed or not: callers
+        check the manifest, since a folder without a valid one does not exist for them."""
+        if not self.root.is_dir():
+            return
+        found = []
+        for entry in self.root.iterdir():
+            step = parse_step(entry.name)
+            if step is not None and entry.is_dir() and not entry.is_symlink():
+                found.append((step, entry))
+        found.sort()
+        yield from found
+
+
+def is_savepoint_dir(path: Path) -> bool:
+    return (path / MANIFEST_NAME).is_file()

@@ -1,0 +1,602 @@
+"""``SavePoints``: save, list, pick and restore the save points of one run.
+
+The public methods are templates: each runs the shared guards once (argument checks
+before any I/O, the write lock, closed/read-only checks) and then the private steps
+(``_write_components``, ``_commit``, ``_apply_retention``). Tests inject crashes by
+patching those steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import socket
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from savepoints import atomic, components, keep as keep_mod
+from savepoints.errors import (
+    InvalidArgumentError,
+    MetricNotFoundError,
+    NotARunError,
+    ReadOnlyRunError,
+    RunLockedError,
+    RunNotFoundError,
+    RunNotWritableError,
+    SavePointExistsError,
+    SavePointNotFoundError,
+    SavePointsError,
+)
+from savepoints.integrity import Problem, VerifyReport, verify_files
+from savepoints.keep import Keep, Mode, PointInfo
+from savepoints.layout import MANIFEST_NAME, RunLayout, parse_step
+from savepoints.manifest import Manifest, read_manifest, write_manifest
+from savepoints.serialize import check_json, encode_tree
+
+log = logging.getLogger("savepoints")
+
+__version__ = "0.1.0"
+
+
+class SavePoint:
+    """One committed save point: a folder that ``from_pretrained`` loads, plus training state.
+
+    Cheap to create; holds the parsed manifest, never the tensors.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        self.path = path
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> SavePoint:
+        """Open a save point folder directly (no run needed)."""
+        folder = Path(path)
+        return cls(folder, read_manifest(folder / MANIFEST_NAME))
+
+    @property
+    def step(self) -> int:
+        return self.manifest.step
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return dict(self.manifest.metrics)
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return self.manifest.tags
+
+    @property
+    def created(self) -> datetime:
+        return self.manifest.created
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The user state saved with ``save(state=...)``."""
+        return dict(self.manifest.state)
+
+    @property
+    def parent(self) -> int | None:
+        """Step of the save point this one continued from, when known."""
+        return self.manifest.parent
+
+    @property
+    def size(self) -> int:
+        """Bytes of all files listed in the manifest."""
+        return self.manifest.total_size
+
+    @property
+    def contents(self) -> dict[str, Any]:
+        return dict(self.manifest.contents)
+
+    def verify(self) -> VerifyReport:
+        """Re-hash every file; the report names each missing, extra, truncated or altered one."""
+        return _verify_point(self.path)
+
+    def __repr__(self) -> str:
+        return f"SavePoint(step={self.step}, path={str(self.path)!r}, metrics={self.metrics})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, SavePoint)
+            and other.path.resolve() == self.path.resolve()
+            and other.manifest.created == self.manifest.created
+        )
+
+    def __hash__(self) -> int:
+        return hash((str(self.path.resolve()), self.manifest.created))
+
+
+class SavePoints:
+    """The save points of one run folder.
+
+    ``SavePoints(path)`` opens the run for writing: it creates the folder if needed,
+    takes a lock so that no second process writes into it, and removes what crashed
+    writers left in its private staging area. ``readonly=True`` opens an existing run
+    to read and restore only (no lock: safe while another process trains).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        keep: Keep | None = None,
+        readonly: bool = False,
+        max_shard_size: int = components.DEFAULT_MAX_SHARD_BYTES,
+    ) -> None:
+        if keep is not None and not isinstance(keep, Keep):
+            raise InvalidArgumentError(
+                f"keep must be a savepoints.Keep, not {type(keep).__name__}.",
+                "Pass keep=Keep(last=3, best=1, metric='eval_loss', mode='min').",
+            )
+        if not isinstance(max_shard_size, int) or max_shard_size < 1:
+            raise InvalidArgumentError(
+                f"max_shard_size={max_shard_size!r} is not a positive number of bytes.",
+                "Pass e.g. max_shard_size=2 * 1024**3 for 2 GiB shards.",
+            )
+        self.path = Path(path)
+        self.keep = keep or Keep()
+        self.readonly = readonly
+        self.max_shard_size = max_shard_size
+        self._layout = RunLayout(self.path)
+        self._lock_fd: int | None = None
+        self._closed = False
+        self._parent: int | None = None
+        if self.path.exists() and not self.path.is_dir():
+            raise NotARunError(self.path, "it is a file, not a folder")
+        if readonly:
+            if not self.path.is_dir():
+                raise RunNotFoundError(self.path)
+            return
+        try:
+            self._layout.private.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise NotARunError(self.path, "a part of the path is a file") from None
+        except PermissionError as e:
+            raise RunNotWritableError(self.path, e.strerror or "permission denied") from None
+        except OSError as e:
+            raise RunNotWritableError(self.path, e.strerror or str(e)) from None
+        self._acquire_lock()
+        removed = atomic.clean_private(self._layout.staging, self._layout.trash)
+        if removed:
+            log.warning(
+                "savepoints: removed %d uncommitted leftover(s) of an earlier writer in %s",
+                len(removed),
+                self._layout.private,
+            )
+
+    # ---------------------------------------------------------------- context / lock
+
+    def __enter__(self) -> SavePoints:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the run's write lock. Idempotent."""
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
+        self._closed = True
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _acquire_lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; one writer per run is on the user
+            return
+        try:
+            fd = os.open(self._layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError as e:
+            raise RunNotWritableError(self.path, e.strerror or "permission denied") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 256).decode(errors="replace").strip() or "unknown process"
+            finally:
+                os.close(fd)
+            raise RunLockedError(self.path, holder) from None
+        # The lock dies with the process (even on SIGKILL), so a stale lock never blocks.
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._lock_fd = fd
+
+    def _check_writable(self, action: str) -> None:
+        if self.readonly:
+            raise ReadOnlyRunError(self.path, action)
+        if self._closed:
+            raise InvalidArgumentError(
+                f"Cannot {action}: this SavePoints for {self.path} was closed.",
+                "Open the run again with SavePoints(path).",
+            )
+
+    # ---------------------------------------------------------------- reading
+
+    def list(self) -> list[SavePoint]:
+        """Committed save points, sorted by step. Folders without a valid manifest
+        (uncommitted, damaged, or of an unknown format) are left out."""
+        points = []
+        for step, folder in self._layout.candidate_dirs():
+            try:
+                manifest = read_manifest(folder / MANIFEST_NAME)
+            except SavePointsError as e:
+                log.debug("savepoints: skipping %s: %s", folder, e)
+                continue
+            if manifest.step != step:
+                log.debug("savepoints: skipping %s: manifest says step %d", folder, manifest.step)
+                continue
+            points.append(SavePoint(folder, manifest))
+        return points
+
+    def latest(self) -> SavePoint | None:
+        points = self.list()
+        return points[-1] if points else None
+
+    def best(self, metric: str | None = None, mode: Mode | None = None) -> SavePoint | None:
+        """The best save point by ``metric`` (default: the ``Keep``'s), or None if the
+        run has none. Raises when no save point recorded that metric."""
+        metric = metric or self.keep.metric
+        if metric is None:
+            raise InvalidArgumentError(
+                "best() needs a metric, and this run's Keep names none.",
+                "Call best(metric='eval_loss', mode='min'), or open the run with "
+                "keep=Keep(metric=..., mode=...).",
+            )
+        mode = mode or (self.keep.mode if metric == self.keep.metric else "min")
+        if mode not in ("min", "max"):
+            raise InvalidArgumentError(
+                f"best(mode={mode!r}) is not allowed.", "Use mode='min' or mode='max'."
+            )
+        points = self.list()
+        if not points:
+            return None
+        ranked = keep_mod.rank_best(_infos(points), metric, mode)
+        if not ranked:
+            raise MetricNotFoundError(self.path, metric, [m for p in points for m in p.metrics])
+        step = ranked[0].step
+        return next(p for p in points if p.step == step)
+
+    def get(self, step: int) -> SavePoint:
+        """The committed save point of ``step``; a clear error when there is none."""
+        points = self.list()
+        for p in points:
+            if p.step == step:
+                return p
+        raise SavePointNotFoundError(self.path, step, [p.step for p in points])
+
+    def verify(self) -> VerifyReport:
+        """Verify every save point folder of the run."""
+        return _verify_run(self.path)
+
+    # ---------------------------------------------------------------- saving
+
+    def save(
+        self,
+        step: int,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        metrics: Mapping[str, float] | None = None,
+        state: Mapping[str, Any] | None = None,
+        tags: Sequence[str] = (),
+        rng: bool = True,
+        overwrite: bool = False,
+    ) -> SavePoint:
+        """Write a save point for ``step`` and commit it atomically; then apply retention.
+
+        Returns the committed :class:`SavePoint`. If anything fails, nothing committed
+        before is touched and no partial save point becomes visible.
+        """
+        self._check_writable("save")
+        step = _check_step(step)
+        clean_metrics = _check_metrics(metrics)
+        clean_state = check_json(dict(state or {}), "state")
+        clean_tags = _check_tags(tags)
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise InvalidArgumentError(
+                f"model must be a torch.nn.Module, not {type(model).__name__}.",
+                "Pass the model object itself (e.g. trainer.model).",
+            )
+
+        final = self._layout.point_dir(step)
+        existing = self._existing(final, step, overwrite)
+        staging = self._layout.new_staging_dir(step)
+        try:
+            staging.mkdir(parents=True)
+            rec = components.FileRecorder(staging)
+            contents = self._write_components(
+                rec, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                scheduler=scheduler, rng=rng,
+            )  # fmt: skip
+            manifest = Manifest(
+                step=step,
+                created=datetime.now(timezone.utc),
+                files=dict(rec.files),
+                metrics=clean_metrics,
+                tags=clean_tags,
+                state=clean_state,
+                parent=self._parent,
+                contents=contents,
+                versions=_versions(),
+            )
+            atomic.fsync_tree(staging)
+            write_manifest(staging, manifest, MANIFEST_NAME)
+            atomic.fsync_dir(staging)
+            self._commit(staging, final, existing)
+        except BaseException as e:
+            atomic.remove_tree(staging)
+            if isinstance(e, PermissionError):
+                raise RunNotWritableError(self.path, e.strerror or "permission denied") from e
+            raise
+        self._parent = step
+        point = SavePoint(final, manifest)
+        self._apply_retention()
+        return point
+
+    def _existing(self, final: Path, step: int, overwrite: bool) -> bool:
+        if not final.exists():
+            return False
+        if overwrite:
+            return True
+        try:
+            read_manifest(final / MANIFEST_NAME)
+        except SavePointsError:
+            raise SavePointExistsError(final, step, committed=False) from None
+        raise SavePointExistsError(final, step)
+
+    def _write_components(
+        self,
+        rec: components.FileRecorder,
+        *,
+        model: torch.nn.Module | None,
+        tokenizer: Any,
+        optimizer: Any,
+        scheduler: Any,
+        rng: bool,
+    ) -> dict[str, Any]:
+        contents: dict[str, Any] = {}
+        if model is not None:
+            contents["model"] = components.write_model(rec, model, self.max_shard_size)
+        if tokenizer is not None:
+            contents["tokenizer"] = components.write_tokenizer(rec, tokenizer)
+        if optimizer is not None:
+            contents["optimizer"] = components.write_state(rec, "optimizer", optimizer)
+        if scheduler is not None:
+            contents["scheduler"] = components.write_state(rec, "scheduler", scheduler)
+        if rng:
+            skeleton, tensors = encode_tree(components.capture_rng(), "rng state")
+            contents["rng"] = components.write_tree(rec, "rng", skeleton, tensors)
+        return contents
+
+    def _commit(self, staging: Path, final: Path, replace_existing: bool) -> None:
+        if replace_existing:
+            # overwrite=True: the old save point disappears, then the new one appears.
+            step = parse_step(final.name)
+            atomic.retire(final, self._layout.new_trash_dir(step if step is not None else 0))
+        atomic.commit(staging, final)
+
+    def _apply_retention(self) -> None:
+        if not self.keep.prunes:
+            return
+        points = self.list()
+        for step in keep_mod.to_delete(_infos(points), self.keep):
+            self._delete(step)
+
+    def delete(self, step: int) -> None:
+        """Delete one committed save point (atomically: it is gone or intact)."""
+        self._check_writable("delete a save point")
+        point = self.get(step)
+        self._delete(point.step)
+
+    def _delete(self, step: int) -> None:
+        try:
+            atomic.retire(self._layout.point_dir(step), self._layout.new_trash_dir(step))
+        except OSError as e:
+            # A failed delete must not fail the save that triggered it: the new save
+            # point is committed already. The next retention pass tries again.
+            log.warning("savepoints: could not delete save point %d in %s: %s", step, self.path, e)
+
+    # ---------------------------------------------------------------- restoring
+
+    def restore(
+        self,
+        savepoint: SavePoint | int | str | os.PathLike[str] | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        rng: bool = True,
+        verify: bool = True,
+    ) -> dict[str, Any]:
+        """Load a save point into live objects and return its user ``state``.
+
+        ``savepoint`` is a :class:`SavePoint`, a step, a folder path, or None for the
+        latest. Every file is verified first (``verify=False`` skips that), and every
+        object is checked to fit before any of them is changed.
+        """
+        point = self._resolve(savepoint)
+        if verify:
+            point.verify().raise_if_failed()
+        _restore_into(point, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng)
+        self._parent = point.step
+        return point.state
+
+    def _resolve(self, savepoint: SavePoint | int | str | os.PathLike[str] | None) -> SavePoint:
+        if isinstance(savepoint, SavePoint):
+            return savepoint
+        if savepoint is None:
+            latest = self.latest()
+            if latest is None:
+                raise SavePointNotFoundError(self.path, "latest", [])
+            return latest
+        if isinstance(savepoint, int) and not isinstance(savepoint, bool):
+            return self.get(savepoint)
+        if isinstance(savepoint, (str, os.PathLike)):
+            return SavePoint.open(savepoint)
+        raise InvalidArgumentError(
+            f"Cannot restore {savepoint!r}: expected a SavePoint, a step, a folder or None.",
+            "Pass points.latest(), points.best(), a step number, or a save point folder.",
+        )
+
+    def __repr__(self) -> str:
+        mode = "readonly" if self.readonly else "writable"
+        return f"SavePoints({str(self.path)!r}, keep={self.keep}, {mode})"
+
+
+# -------------------------------------------------------------------------- helpers
+
+
+def _restore_into(
+    point: SavePoint, *, model: Any, optimizer: Any, scheduler: Any, rng: bool
+) -> None:
+    contents = point.manifest.contents
+    wanted = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    absent = [k for k, v in wanted.items() if v is not None and k not in contents]
+    if absent:
+        raise InvalidArgumentError(
+            f"Save point {point.path} holds no {' or '.join(absent)} state "
+            f"(it holds: {', '.join(sorted(contents)) or 'nothing'}).",
+            f"Restore without {', '.join(absent + [''])[:-2]}=..., or save it with "
+            "save(..., " + ", ".join(f"{a}=..." for a in absent) + ").",
+        )
+    if model is not None:
+        components.restore_model(model, point.path, contents["model"])
+    if optimizer is not None:
+        components.restore_optimizer(optimizer, point.path, contents["optimizer"])
+    if scheduler is not None:
+        components.restore_object("scheduler", scheduler, point.path, contents["scheduler"])
+    if rng and "rng" in contents:
+        components.restore_rng(components.read_tree(point.path, contents["rng"]), point.path)
+
+
+def _infos(points: Iterable[SavePoint]) -> list[PointInfo]:
+    return [PointInfo(p.step, p.metrics, p.tags) for p in points]
+
+
+def _check_step(step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise InvalidArgumentError(
+            f"step must be a whole number, not {step!r} ({type(step).__name__}).",
+            "Pass the global training step, e.g. save(step=global_step, ...).",
+        )
+    if step < 0:
+        raise InvalidArgumentError(
+            f"step must be 0 or more, not {step}.",
+            "Pass the global training step (counting from 0).",
+        )
+    return step
+
+
+def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, value in (metrics or {}).items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if hasattr(value, "item") and not isinstance(value, (int, float)):
+            value = value.item()
+        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(
+            value, (int, float)
+        ):
+            raise InvalidArgumentError(
+                f"metric {name!r} = {value!r} is not a number.",
+                "Pass metrics as {name: number}, e.g. {'eval_loss': 0.41}.",
+            )
+        if value != value or value in (float("inf"), float("-inf")):
+            raise InvalidArgumentError(
+                f"metric {name!r} is {value}, which cannot rank save points.",
+                "Record a finite value, or leave the metric out of this save.",
+            )
+        out[name] = value
+    return out
+
+
+def _check_tags(tags: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(tags, str):
+        tags = [tags]
+    out: list[str] = []
+    for tag in tags:
+        if not isinstance(tag, str) or not tag.strip() or tag != tag.strip() or "/" in tag:
+            raise InvalidArgumentError(
+                f"tag {tag!r} is not allowed.",
+                "Use a non-empty name without slashes or surrounding spaces, e.g. 'warmup-done'.",
+            )
+        if tag not in out:
+            out.append(tag)
+    return tuple(out)
+
+
+def _versions() -> dict[str, str]:
+    versions = {
+        "savepoints": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    for name in ("safetensors", "numpy", "transformers", "tokenizers"):
+        # Only what is already imported: the core never imports transformers itself.
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = str(getattr(module, "__version__", "?"))
+    return versions
+
+
+# -------------------------------------------------------------------------- verify
+
+
+def _verify_point(folder: Path) -> VerifyReport:
+    try:
+        manifest = read_manifest(folder / MANIFEST_NAME)
+    except SavePointsError as e:
+        report = VerifyReport(path=folder)
+        report.problems.append(Problem("manifest", MANIFEST_NAME, str(e)))
+        return report
+    expected = {rel: (e.size, e.hash) for rel, e in manifest.files.items()}
+    return verify_files(folder, expected, ignore={MANIFEST_NAME})
+
+
+def _verify_run(root: Path) -> VerifyReport:
+    report = VerifyReport(path=root)
+    for _step, folder in RunLayout(root).candidate_dirs():
+        child = _verify_point(folder)
+        report.children.append(child)
+        report.files_checked += child.files_checked
+        report.bytes_checked += child.bytes_checked
+    return report
+
+
+def verify(path: str | os.PathLike[str]) -> VerifyReport:
+    """Verify a save point folder, or every save point folder of a run folder.
+
+    The report is truthy when everything verified; ``report.all_problems()`` names each
+    missing, extra, truncated or altered file.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise RunNotFoundError(folder)
+    if not folder.is_dir():
+        raise NotARunError(folder, "it is a file, not a folder")
+    if (folder / MANIFEST_NAME).exists():
+        return _verify_point(folder)
+    if parse_step(folder.name) is not None:
+        # Named like a save point but without a manifest: uncommitted or damaged.
+        report = VerifyReport(path=folder)
+        report.problems.append(
+            Problem("manifest", MANIFEST_NAME, "missing: this folder was never committed")
+        )
+        return report
+    return _verify_run(folder)
+

@@ -1,0 +1,212 @@
+"""``savepoint.json``: the manifest that makes a folder a committed save point.
+
+It is written last, after every other file is on disk and fsynced, so its presence
+(and validity) is the commit record. It lists every file with its size and content hash,
+so verification needs nothing but the folder.
+
+Format versions: a reader accepts any version up to :data:`FORMAT_VERSION` and refuses
+newer ones with :class:`UnsupportedFormatError`, rather than misreading them. Fields a
+reader does not know are kept and ignored (forward-compatible additions do not bump
+the version; changes that old readers would misread do).
+
+Designed to grow: ``files`` maps relative paths, so a sharded multi-rank save adds one
+entry per rank's shard files and a content-addressed store keeps the same entries while
+the bytes live in shared blobs; ``contents`` says which logical component lives in which
+files, so new components (grad scaler, data loader state) add keys, not versions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from savepoints.errors import ManifestError, UnsupportedFormatError
+from savepoints.integrity import HASH_ALGORITHM
+
+FORMAT_NAME = "savepoints.savepoint"
+FORMAT_VERSION = 1
+#: A manifest larger than this is refused unread (a hostile or broken file).
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    hash: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int
+    created: datetime
+    files: dict[str, FileEntry]
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    state: dict[str, Any] = field(default_factory=dict)
+    parent: int | None = None
+    contents: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    hash_algorithm: str = HASH_ALGORITHM
+    format_version: int = FORMAT_VERSION
+    #: Fields written by a newer minor revision that this reader does not know; kept.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_size(self) -> int:
+        return sum(e.size for e in self.files.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.extra,
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "step": self.step,
+            "created": self.created.astimezone(timezone.utc).isoformat(timespec="microseconds"),
+            "metrics": self.metrics,
+            "tags": list(self.tags),
+            "state": self.state,
+            "parent": None if self.parent is None else {"step": self.parent},
+            "contents": self.contents,
+            "versions": self.versions,
+            "hash_algorithm": self.hash_algorithm,
+            "files": {
+                k: {"size": e.size, "hash": e.hash} for k, e in sorted(self.files.items())
+            },
+        }
+
+    def with_tags(self, tags: tuple[str, ...]) -> Manifest:
+        return replace(self, tags=tags)
+
+
+_KNOWN = {
+    "format", "format_version", "step", "created", "metrics", "tags", "state", "parent",
+    "contents", "versions", "hash_algorithm", "files",
+}  # fmt: skip
+
+
+def write_manifest(folder: Path, manifest: Manifest, name: str) -> None:
+    """Write the manifest into ``folder`` and fsync it (the caller fsyncs the folder)."""
+    data = json.dumps(manifest.to_json(), indent=1, allow_nan=False).encode()
+    path = folder / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Read and validate a manifest; raise :class:`ManifestError` on anything off."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ManifestError(path, "the file does not exist") from None
+    except OSError as e:
+        raise ManifestError(path, f"cannot read it ({e.strerror})") from None
+    if size > MAX_MANIFEST_BYTES:
+        raise ManifestError(path, f"it is {size} bytes, over the {MAX_MANIFEST_BYTES} byte limit")
+    try:
+        raw = path.read_bytes()
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ManifestError(path, f"it is not valid JSON ({type(e).__name__})") from None
+    return parse_manifest(data, path)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def parse_manifest(data: Any, path: Path) -> Manifest:
+    def bad(why: str) -> ManifestError:
+        return ManifestError(path, why)
+
+    if not isinstance(data, dict):
+        raise bad("the top level is not an object")
+    if data.get("format") != FORMAT_NAME:
+        raise bad(f"'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = data.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise bad("'format_version' is not a positive integer")
+    if version > FORMAT_VERSION:
+        writer = data.get("versions", {}).get("savepoints", "?") if isinstance(
+            data.get("versions"), dict
+        ) else "?"
+        raise UnsupportedFormatError(path, version, FORMAT_VERSION, str(writer))
+    step = data.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise bad("'step' is not a non-negative integer")
+    try:
+        created = datetime.fromisoformat(str(data.get("created")))
+    except ValueError:
+        raise bad("'created' is not an ISO 8601 time") from None
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=timezone.utc)
+    metrics = data.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(
+        isinstance(k, str) and _is_number(v) for k, v in metrics.items()
+    ):
+        raise bad("'metrics' is not an object of names to numbers")
+    tags = data.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise bad("'tags' is not a list of strings")
+    state = data.get("state", {})
+    if not isinstance(state, dict):
+        raise bad("'state' is not an object")
+    parent = data.get("parent")
+    if parent is not None:
+        if not isinstance(parent, dict) or not isinstance(parent.get("step"), int):
+            raise bad("'parent' is neither null nor an object with a 'step'")
+        parent = parent["step"]
+    contents = data.get("contents", {})
+    versions = data.get("versions", {})
+    if not isinstance(contents, dict) or not isinstance(versions, dict):
+        raise bad("'contents' or 'versions' is not an object")
+    algorithm = data.get("hash_algorithm")
+    if algorithm != HASH_ALGORITHM:
+        raise bad(f"'hash_algorithm' is {algorithm!r}; this savepoints checks {HASH_ALGORITHM!r}")
+    files_raw = data.get("files")
+    if not isinstance(files_raw, dict):
+        raise bad("'files' is not an object")
+    files: dict[str, FileEntry] = {}
+    for rel, entry in files_raw.items():
+        if not _is_safe_relpath(rel):
+            raise bad(f"file name {rel!r} is absolute or leaves the folder")
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("size"), int)
+            or entry["size"] < 0
+            or not isinstance(entry.get("hash"), str)
+        ):
+            raise bad(f"entry for {rel!r} lacks an integer 'size' or a string 'hash'")
+        files[rel] = FileEntry(entry["size"], entry["hash"])
+    return Manifest(
+        step=step,
+        created=created,
+        files=files,
+        metrics=dict(metrics),
+        tags=tuple(tags),
+        state=state,
+        parent=parent,
+        contents=contents,
+        versions={str(k): str(v) for k, v in versions.items()},
+        hash_algorithm=algorithm,
+        format_version=version,
+        extra={k: v for k, v in data.items() if k not in _KNOWN},
+    )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_safe_relpath(rel: str) -> bool:
+    if not rel or "\\" in rel or "\x00" in rel or rel.startswith("/"):
+        return False
+    parts = rel.split("/")
+    return all(p not in ("", ".", "..") for p in parts)

@@ -1,0 +1,255 @@
+"""Pickle-free state: tensors to safetensors, everything else to JSON.
+
+Two pieces:
+
+* :func:`write_safetensors` writes a standard safetensors file itself (8-byte header
+  length, JSON header, raw little-endian tensor bytes) so that it can hash the bytes
+  while they stream to disk and fsync once at the end. Any safetensors reader (the Rust
+  crate, ``safetensors.torch.load_file``, ``from_pretrained``) reads the result.
+* :func:`encode_tree` / :func:`decode_tree` turn a nested state (an optimizer's
+  ``state_dict()``, a scheduler's, RNG states) into a JSON skeleton plus a flat dict of
+  tensors. JSON cannot tell a tuple from a list, has no integer dict keys and no NaN, so
+  those are tagged; anything else is refused with the key that holds it, because the
+  only general way to store an arbitrary object is pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from savepoints.errors import UnserializableStateError
+from savepoints.integrity import StreamHasher
+
+# safetensors dtype names; the format is little-endian and so is every platform torch
+# ships for, so tensor memory is written as is.
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _code in (
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+):
+    if hasattr(torch, _name):
+        _DTYPE_NAMES[getattr(torch, _name)] = _code
+
+# Writes go out in pieces of this size: large enough for sequential throughput, small
+# enough that hashing one piece overlaps well with the kernel writing the previous one.
+_CHUNK = 64 * 1024 * 1024
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor, without a copy when it is already contiguous."""
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def write_safetensors(
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    hasher: StreamHasher,
+) -> int:
+    """Write ``tensors`` to ``path`` in safetensors format, hashing and fsyncing it.
+
+    Tensors must be on the CPU. Returns the file size; ``hasher`` has seen every byte.
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    # Sorted by name so the same state always gives the same bytes (and the same hash).
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        if t.device.type != "cpu":
+            raise ValueError(f"tensor {name!r} is on {t.device}; snapshot it to the CPU first")
+        code = _DTYPE_NAMES.get(t.dtype)
+        if code is None:
+            raise UnserializableStateError(
+                "tensor", name, t, f"dtype {t.dtype} has no safetensors equivalent"
+            )
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    head = struct.pack("<Q", len(raw)) + raw
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            _write_all(f, memoryview(head), hasher)
+            for name in names:
+                data = tensor_bytes(tensors[name])
+                for start in range(0, len(data), _CHUNK):
+                    _write_all(f, data[start : start + _CHUNK], hasher)
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return len(head) + offset
+
+
+def _write_all(f: Any, data: memoryview, hasher: StreamHasher) -> None:
+    hasher.update(data)
+    while len(data):
+        n = f.write(data)
+        data = data[n:]
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load every tensor of a safetensors file onto the CPU (memory-mapped read)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device="cpu")
+
+
+# --------------------------------------------------------------------------------------
+# Nested state <-> JSON skeleton + tensors
+
+_TAG = "__sp__"  # the key that marks a tagged value; a plain dict never uses it
+
+
+def encode_tree(tree: Any, where: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split ``tree`` into a JSON-serialisable skeleton and ``{key: tensor}``.
+
+    ``where`` names the state in error messages ("optimizer state", ...).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(value: Any, key: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            ref = key or "root"
+            tensors[ref] = value.detach()
+            return {_TAG: "tensor", "key": ref}
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float):
+            if math.isfinite(value):
+                return value
+            return {_TAG: "float", "value": repr(value)}
+        if isinstance(value, np.generic):
+            return enc(value.item(), key)
+        if isinstance(value, np.ndarray):
+            return {
+                _TAG: "ndarray",
+                "dtype": value.dtype.str,
+                "shape": list(value.shape),
+                "data": enc(value.tolist(), key),
+            }
+        if isinstance(value, torch.dtype):
+            return {_TAG: "dtype", "name": str(value).removeprefix("torch.")}
+        if isinstance(value, torch.device):
+            return {_TAG: "device", "name": str(value)}
+        if isinstance(value, tuple):
+            return {_TAG: "tuple", "items": [enc(v, f"{key}.{i}") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [enc(v, f"{key}.{i}") for i, v in enumerate(value)]
+        if isinstance(value, Mapping):
+            if all(isinstance(k, str) for k in value) and _TAG not in value:
+                return {k: enc(v, _join(key, k)) for k, v in value.items()}
+            items = []
+            for k, v in value.items():
+                if not isinstance(k, (str, int, float, bool)) and k is not None:
+                    raise UnserializableStateError(
+                        where, _join(key, repr(k)), k, f"dict key of type {type(k).__name__}"
+                    )
+                items.append([enc(k, key), enc(v, _join(key, str(k)))])
+            return {_TAG: "dict", "items": items}
+        raise UnserializableStateError(where, key or "(root)", value)
+
+    return enc(tree, ""), tensors
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def decode_tree(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`encode_tree`."""
+
+    def dec(value: Any) -> Any:
+        if isinstance(value, list):
+            return [dec(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        tag = value.get(_TAG)
+        if tag is None:
+            return {k: dec(v) for k, v in value.items()}
+        if tag == "tensor":
+            return tensors[value["key"]]
+        if tag == "tuple":
+            return tuple(dec(v) for v in value["items"])
+        if tag == "dict":
+            return {dec(k): dec(v) for k, v in value["items"]}
+        if tag == "float":
+            return float(value["value"])
+        if tag == "ndarray":
+            arr = np.array(dec(value["data"]), dtype=np.dtype(value["dtype"]))
+            return arr.reshape(value["shape"])
+        if tag == "dtype":
+            return getattr(torch, value["name"])
+        if tag == "device":
+            return torch.device(value["name"])
+        raise ValueError(f"unknown tagged value {tag!r} in saved state")
+
+    return dec(skeleton)
+
+
+def check_json(value: Any, where: str, key: str = "") -> Any:
+    """Return ``value`` as plain JSON (tuples become lists), or raise naming the bad key.
+
+    Used for the user ``state``, ``metrics`` and tags, which live in the manifest and
+    must read back as the same plain values.
+    """
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise UnserializableStateError(
+                where, key or "(root)", value, f"{value} is not a finite number"
+            )
+        return value
+    if isinstance(value, np.generic):
+        return check_json(value.item(), where, key)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return check_json(value.item(), where, key)
+    if isinstance(value, (list, tuple)):
+        return [check_json(v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise UnserializableStateError(
+                    where, _join(key, repr(k)), k, "JSON object keys must be strings"
+                )
+            out[k] = check_json(v, where, _join(key, k))
+        return out
+    raise UnserializableStateError(where, key or "(root)", value)
+
