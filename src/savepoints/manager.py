@@ -9,6 +9,7 @@ patching those steps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import platform
@@ -157,7 +158,7 @@ class SavePoints:
             return
         try:
             self._layout.private.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
+        except (FileExistsError, NotADirectoryError):
             raise NotARunError(self.path, "a part of the path is a file") from None
         except PermissionError as e:
             raise RunNotWritableError(self.path, e.strerror or "permission denied") from None
@@ -248,19 +249,8 @@ class SavePoints:
     def best(self, metric: str | None = None, mode: Mode | None = None) -> SavePoint | None:
         """The best save point by ``metric`` (default: the ``Keep``'s), or None if the
         run has none. Raises when no save point recorded that metric."""
-        metric = metric or self.keep.metric
-        if metric is None:
-            raise InvalidArgumentError(
-                "best() needs a metric, and this run's Keep names none.",
-                "Call best(metric='eval_loss', mode='min'), or open the run with "
-                "keep=Keep(metric=..., mode=...).",
-            )
-        mode = mode or (self.keep.mode if metric == self.keep.metric else "min")
-        if mode not in ("min", "max"):
-            raise InvalidArgumentError(
-                f"best(mode={mode!r}) is not allowed.", "Use mode='min' or mode='max'."
-            )
         points = self.list()
+        metric, mode = self._best_rule(points, metric, mode)
         if not points:
             return None
         ranked = keep_mod.rank_best(_infos(points), metric, mode)
@@ -268,6 +258,31 @@ class SavePoints:
             raise MetricNotFoundError(self.path, metric, [m for p in points for m in p.metrics])
         step = ranked[0].step
         return next(p for p in points if p.step == step)
+
+    def _best_rule(
+        self, points: list[SavePoint], metric: str | None, mode: Mode | None
+    ) -> tuple[str, Mode]:
+        """The metric and mode that define "best": given, else this run's Keep, else
+        the Keep recorded in the newest save point (so readers need not repeat it)."""
+        rule: dict[str, Any] = {}
+        if self.keep.metric:
+            rule = {"metric": self.keep.metric, "mode": self.keep.mode}
+        elif points and points[-1].manifest.keep and points[-1].manifest.keep.get("metric"):
+            rule = points[-1].manifest.keep
+        metric = metric or rule.get("metric")
+        if metric is None:
+            raise InvalidArgumentError(
+                "best() needs a metric, and this run's Keep names none.",
+                "Call best(metric='eval_loss', mode='min'), or open the run with "
+                "keep=Keep(metric=..., mode=...).",
+            )
+        if mode is None:
+            mode = rule.get("mode", "min") if metric == rule.get("metric") else "min"
+        if mode not in ("min", "max"):
+            raise InvalidArgumentError(
+                f"best(mode={mode!r}) is not allowed.", "Use mode='min' or mode='max'."
+            )
+        return metric, mode  # type: ignore[return-value]
 
     def get(self, step: int) -> SavePoint:
         """The committed save point of ``step``; a clear error when there is none."""
@@ -333,6 +348,7 @@ class SavePoints:
                 parent=self._parent,
                 contents=contents,
                 versions=_versions(),
+                keep=dataclasses.asdict(self.keep),
             )
             atomic.fsync_tree(staging)
             write_manifest(staging, manifest, MANIFEST_NAME)

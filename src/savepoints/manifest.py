@@ -51,6 +51,8 @@ class Manifest:
     parent: int | None = None
     contents: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    #: The retention policy in force when this was saved (lets readers find "best").
+    keep: dict[str, Any] | None = None
     hash_algorithm: str = HASH_ALGORITHM
     format_version: int = FORMAT_VERSION
     #: Fields written by a newer minor revision that this reader does not know; kept.
@@ -73,6 +75,7 @@ class Manifest:
             "parent": None if self.parent is None else {"step": self.parent},
             "contents": self.contents,
             "versions": self.versions,
+            "keep": self.keep,
             "hash_algorithm": self.hash_algorithm,
             "files": {
                 k: {"size": e.size, "hash": e.hash} for k, e in sorted(self.files.items())
@@ -85,7 +88,7 @@ class Manifest:
 
 _KNOWN = {
     "format", "format_version", "step", "created", "metrics", "tags", "state", "parent",
-    "contents", "versions", "hash_algorithm", "files",
+    "contents", "versions", "keep", "hash_algorithm", "files",
 }  # fmt: skip
 
 
@@ -167,6 +170,9 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
     versions = data.get("versions", {})
     if not isinstance(contents, dict) or not isinstance(versions, dict):
         raise bad("'contents' or 'versions' is not an object")
+    keep = data.get("keep")
+    if keep is not None and not isinstance(keep, dict):
+        raise bad("'keep' is neither null nor an object")
     algorithm = data.get("hash_algorithm")
     if algorithm != HASH_ALGORITHM:
         raise bad(f"'hash_algorithm' is {algorithm!r}; this savepoints checks {HASH_ALGORITHM!r}")
@@ -195,6 +201,7 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
         parent=parent,
         contents=contents,
         versions={str(k): str(v) for k, v in versions.items()},
+        keep=keep,
         hash_algorithm=algorithm,
         format_version=version,
         extra={k: v for k, v in data.items() if k not in _KNOWN},

@@ -1,0 +1,242 @@
+"""``savepoints list``, ``show`` and ``verify``: read-only views of a run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from savepoints.cli import cli
+from savepoints.errors import InvalidArgumentError, SavePointNotFoundError, SavePointsError
+from savepoints.integrity import VerifyReport
+from savepoints.layout import MANIFEST_NAME, parse_step
+from savepoints.manager import SavePoint, SavePoints, verify
+
+console = Console(highlight=False)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _when(dt: datetime) -> str:
+    return dt.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _fmt_metric(v: float) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _open_run(run: Path) -> SavePoints:
+    return SavePoints(run, readonly=True)
+
+
+def _best_step(points: SavePoints, listed: list[SavePoint], metric: str | None) -> int | None:
+    try:
+        best = points.best(metric=metric)
+    except SavePointsError:
+        return None
+    return best.step if best and best in listed else None
+
+
+def point_summary(sp: SavePoint, latest: bool = False, best: bool = False) -> dict[str, Any]:
+    return {
+        "step": sp.step,
+        "path": str(sp.path),
+        "created": sp.created.isoformat(),
+        "metrics": sp.metrics,
+        "tags": list(sp.tags),
+        "size": sp.size,
+        "latest": latest,
+        "best": best,
+    }
+
+
+@cli.command("list")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--metric", help="Metric that defines the best save point (default: the run's).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_cmd(run: Path, metric: str | None, as_json: bool) -> None:
+    """List the committed save points of RUN: step, time, metrics, size, tags."""
+    points = _open_run(run)
+    listed = points.list()
+    latest = listed[-1].step if listed else None
+    best = _best_step(points, listed, metric)
+    if as_json:
+        _echo_json([point_summary(p, p.step == latest, p.step == best) for p in listed])
+        return
+    if not listed:
+        console.print(f"No committed save points in {run}.")
+        return
+    metric_names: list[str] = []
+    for p in listed:
+        metric_names.extend(m for m in p.metrics if m not in metric_names)
+    table = Table(title=f"{run}  ({len(listed)} save points)", title_justify="left")
+    table.add_column("step", justify="right", style="bold")
+    table.add_column("created")
+    for m in metric_names:
+        table.add_column(m, justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("tags")
+    table.add_column("")
+    for p in listed:
+        marks = []
+        if p.step == latest:
+            marks.append("[cyan]latest[/]")
+        if p.step == best:
+            marks.append("[green]★ best[/]")
+        table.add_row(
+            str(p.step),
+            _when(p.created),
+            *[_fmt_metric(p.metrics[m]) if m in p.metrics else "" for m in metric_names],
+            human_bytes(p.size),
+            ", ".join(p.tags),
+            " ".join(marks),
+        )
+    console.print(table)
+
+
+def _resolve_point(run: Path, step: str | None) -> SavePoint:
+    if (run / MANIFEST_NAME).exists():
+        if step is not None:
+            raise InvalidArgumentError(
+                f"{run} is a save point folder, so STEP ({step}) cannot be used with it.",
+                "Pass the run folder with a STEP, or the save point folder alone.",
+            )
+        return SavePoint.open(run)
+    points = _open_run(run)
+    if step in (None, "latest"):
+        sp = points.latest()
+    elif step == "best":
+        sp = points.best()
+    else:
+        if not step.isdigit():
+            raise InvalidArgumentError(
+                f"STEP must be a step number, 'latest' or 'best', not {step!r}.",
+                "Run `savepoints list RUN` to see the steps.",
+            )
+        return points.get(int(step))
+    if sp is None:
+        raise SavePointNotFoundError(run, step or "latest", [])
+    return sp
+
+
+@cli.command("show")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("step", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def show_cmd(run: Path, step: str | None, as_json: bool) -> None:
+    """Show one save point of RUN (default the latest; STEP may be a number, 'latest' or
+    'best'), or a save point FOLDER: files, sizes, metrics, state, versions."""
+    sp = _resolve_point(run, step)
+    if as_json:
+        _echo_json({"path": str(sp.path), **sp.manifest.to_json()})
+        return
+    m = sp.manifest
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("save point", f"step {sp.step}")
+    head.add_row("path", str(sp.path))
+    head.add_row("created", _when(sp.created))
+    head.add_row("parent", "—" if sp.parent is None else f"step {sp.parent}")
+    head.add_row("size", f"{human_bytes(sp.size)} in {len(m.files)} files")
+    head.add_row("tags", ", ".join(sp.tags) or "—")
+    console.print(head)
+    if sp.metrics:
+        mt = Table(title="metrics", title_justify="left")
+        mt.add_column("metric")
+        mt.add_column("value", justify="right")
+        for k, v in sp.metrics.items():
+            mt.add_row(k, _fmt_metric(v))
+        console.print(mt)
+    if sp.state:
+        console.print("[bold]state[/]")
+        console.print_json(json.dumps(sp.state))
+    tree = Tree("[bold]contents[/]")
+    for name, info in m.contents.items():
+        desc = info.get("class", "")
+        if name == "model":
+            desc += f"  ({info.get('kind')}, {info.get('tensors')} tensors"
+            if info.get("tied"):
+                desc += f", {len(info['tied'])} tied"
+            desc += ")"
+        tree.add(f"{name}: {desc}")
+    console.print(tree)
+    ft = Table(title="files", title_justify="left")
+    ft.add_column("file")
+    ft.add_column("size", justify="right")
+    ft.add_column(f"{m.hash_algorithm}", style="dim")
+    for rel, e in sorted(m.files.items()):
+        ft.add_row(rel, human_bytes(e.size), e.hash[:16])
+    console.print(ft)
+    console.print(
+        "[bold]versions[/]  " + "  ".join(f"{k} {v}" for k, v in sorted(m.versions.items()))
+    )
+
+
+def _report_json(r: VerifyReport) -> dict[str, Any]:
+    return {
+        "path": str(r.path),
+        "ok": r.ok,
+        "files_checked": r.files_checked,
+        "bytes_checked": r.bytes_checked,
+        "problems": [{"kind": p.kind, "file": p.path, "detail": p.detail} for p in r.problems],
+        **({"save_points": [_report_json(c) for c in r.children]} if r.children else {}),
+    }
+
+
+@cli.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify_cmd(path: Path, as_json: bool) -> None:
+    """Re-hash every file of a run's save points (or of one save point FOLDER).
+
+    Exit status 0 only when everything verifies, 3 when anything is missing, extra,
+    truncated or altered.
+    """
+    err = Console(stderr=True)
+    spinner = err.status(f"verifying {path} ...") if err.is_terminal else contextlib.nullcontext()
+    with spinner:
+        report = verify(path)
+    if as_json:
+        _echo_json(_report_json(report))
+    else:
+        one_point = (path / MANIFEST_NAME).exists() or parse_step(path.name) is not None
+        reports = [report] if one_point else report.children
+        if not reports:
+            console.print(f"No save point folders in {path}.")
+        for r in reports:
+            status = "[green]OK[/]" if r.ok else "[bold red]FAILED[/]"
+            console.print(
+                f"{status}  {r.path}  ({r.files_checked} files, {human_bytes(r.bytes_checked)})"
+            )
+            for p in r.problems:
+                console.print(f"    [red]{p.kind:9}[/] {p.path}: {p.detail}")
+        bad = sum(1 for r in reports if not r.ok)
+        if reports:
+            summary = (
+                f"[green]all {len(reports)} save point(s) verified[/]"
+                if not bad
+                else f"[bold red]{bad} of {len(reports)} save point(s) failed verification[/]"
+            )
+            console.print(summary)
+    if not report.ok:
+        sys.exit(3)
+
