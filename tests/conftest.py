@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import csv
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -95,6 +93,3 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
-
-def can_drop_privileges() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("true") is not None
