@@ -89,7 +89,7 @@ def list_cmd(run: Path, metric: str | None, as_json: bool) -> None:
         metric_names.extend(m for m in p.metrics if m not in metric_names)
     table = Table(title=f"{run}  ({len(listed)} save points)", title_justify="left")
     table.add_column("step", justify="right", style="bold")
-    table.add_column("created")
+    table.add_column("created", no_wrap=True)
     for m in metric_names:
         table.add_column(m, justify="right")
     table.add_column("size", justify="right")

@@ -1,0 +1,3 @@
+from savepoints.cli import main
+
+main()
