@@ -46,7 +46,9 @@ def dataset(seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def warmup_then_linear(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_then_linear(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -56,11 +58,15 @@ def warmup_then_linear(optimizer: torch.optim.Optimizer, warmup: int, total: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--run", required=True, help="run folder for the save points")
     ap.add_argument("--steps", type=int, default=40, help="total optimizer steps")
     ap.add_argument("--save-every", type=int, default=10)
-    ap.add_argument("--stop-after", type=int, help="save and exit after this step (a planned interruption)")
+    ap.add_argument(
+        "--stop-after", type=int, help="save and exit after this step (a planned interruption)"
+    )
     ap.add_argument("--out", help="write the final weights here (safetensors)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -77,11 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         if points.latest() is not None:
             state = points.restore(model=model, optimizer=optimizer, scheduler=scheduler)
             step, epoch, batch = state["step"], state["epoch"], state["batch"]
-            print(f"# resumed from save point at step {step} (epoch {epoch}, batch {batch})", file=sys.stderr)
+            print(
+                f"# resumed from save point at step {step} (epoch {epoch}, batch {batch})",
+                file=sys.stderr,
+            )
 
         model.train()
         while step < args.steps:
-            order = torch.randperm(N_EXAMPLES, generator=torch.Generator().manual_seed(1000 + epoch))
+            order = torch.randperm(
+                N_EXAMPLES, generator=torch.Generator().manual_seed(1000 + epoch)
+            )
             while batch < batches_per_epoch and step < args.steps:
                 idx = order[batch * BATCH : (batch + 1) * BATCH]
                 loss = nn.functional.cross_entropy(model(x[idx]), y[idx])

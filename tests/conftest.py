@@ -27,11 +27,18 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(tweet_texts(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+    )
     out = tmp_path_factory.mktemp("tokenizer")
     fast.save_pretrained(out)
     return out
@@ -47,8 +54,17 @@ def tokenizer(tokenizer_dir: Path):
 def tiny_gpt2_config(**overrides):
     from transformers import GPT2Config
 
-    kw = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=320, n_positions=64, num_labels=3,
-              bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    kw = dict(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=320,
+        n_positions=64,
+        num_labels=3,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     kw.update(overrides)
     return GPT2Config(**kw)
 
@@ -73,8 +89,12 @@ def train_steps(model, optimizer, scheduler=None, steps: int = 2, vocab: int = 3
     model.train()
     for _ in range(steps):
         ids = torch.randint(0, vocab, (2, 8))
-        out = model(ids, labels=torch.tensor([0, 1])) if hasattr(model.config, "num_labels") \
-            and "SequenceClassification" in type(model).__name__ else model(ids, labels=ids)
+        out = (
+            model(ids, labels=torch.tensor([0, 1]))
+            if hasattr(model.config, "num_labels")
+            and "SequenceClassification" in type(model).__name__
+            else model(ids, labels=ids)
+        )
         out.loss.backward()
         optimizer.step()
         if scheduler is not None:
@@ -92,4 +112,3 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     # No model hub here: any accidental download must fail fast, not hang.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-

@@ -22,8 +22,14 @@ def run(tmp_path: Path) -> Path:
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     with SavePoints(tmp_path / "run", keep=Keep(metric="eval_loss", mode="min")) as points:
         for step, loss in ((10, 0.7), (20, 0.3), (30, 0.5)):
-            points.save(step, model=net, optimizer=opt, metrics={"eval_loss": loss},
-                        state={"epoch": step // 10}, tags=["milestone"] if step == 20 else [])
+            points.save(
+                step,
+                model=net,
+                optimizer=opt,
+                metrics={"eval_loss": loss},
+                state={"epoch": step // 10},
+                tags=["milestone"] if step == 20 else [],
+            )
     return tmp_path / "run"
 
 
@@ -54,8 +60,15 @@ def test_list_json_is_machine_readable(run):
 def test_show_prints_files_metrics_state_and_versions(run):
     code, out, _ = invoke("show", run, "20")
     assert code == 0
-    for fragment in ("step 20", "model.safetensors", "training_state/optimizer.json", "eval_loss",
-                     '"epoch": 2', "torch", "parent"):
+    for fragment in (
+        "step 20",
+        "model.safetensors",
+        "training_state/optimizer.json",
+        "eval_loss",
+        '"epoch": 2',
+        "torch",
+        "parent",
+    ):
         assert fragment in out, fragment
     code, out, _ = invoke("show", run)
     assert "step 30" in out
@@ -66,7 +79,7 @@ def test_show_prints_files_metrics_state_and_versions(run):
 
 
 def test_show_json_is_the_manifest(run):
-    code, out, _ = invoke("show", run, "10", "--json")
+    _code, out, _ = invoke("show", run, "10", "--json")
     data = json.loads(out)
     assert data["step"] == 10 and "model.safetensors" in data["files"]
     assert data["hash_algorithm"] == "blake3"
@@ -89,7 +102,10 @@ def test_verify_exits_zero_only_when_everything_verifies(run):
     assert code == 3 and report["ok"] is False
     bad = [sp for sp in report["save_points"] if not sp["ok"]]
     assert len(bad) == 1 and bad[0]["problems"][0] == {
-        "kind": "altered", "file": "model.safetensors", "detail": "content hash differs"}
+        "kind": "altered",
+        "file": "model.safetensors",
+        "detail": "content hash differs",
+    }
 
 
 @pytest.mark.parametrize(
@@ -112,11 +128,20 @@ def test_errors_are_one_line_with_a_hint_and_no_traceback(run, tmp_path, args, c
 
 
 def test_console_script_is_installed_and_debug_shows_tracebacks(tmp_path):
-    env_run = subprocess.run([sys.executable, "-m", "savepoints", "list", str(tmp_path / "nope")],
-                             capture_output=True, text=True)
-    assert env_run.returncode == 2 and "error:" in env_run.stderr and "Traceback" not in env_run.stderr
-    debug = subprocess.run([sys.executable, "-m", "savepoints", "list", str(tmp_path / "nope")],
-                           capture_output=True, text=True, env={"SAVEPOINTS_DEBUG": "1", "PATH": ""})
+    env_run = subprocess.run(
+        [sys.executable, "-m", "savepoints", "list", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        env_run.returncode == 2 and "error:" in env_run.stderr and "Traceback" not in env_run.stderr
+    )
+    debug = subprocess.run(
+        [sys.executable, "-m", "savepoints", "list", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        env={"SAVEPOINTS_DEBUG": "1", "PATH": ""},
+    )
     assert "Traceback" in debug.stderr and "RunNotFoundError" in debug.stderr
 
 
@@ -129,8 +154,13 @@ def test_readers_do_not_create_or_lock_anything(tmp_path, run):
 
 
 def test_demo_runs_end_to_end_and_resumes_bit_exactly(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "savepoints", "demo", "--run", str(tmp_path / "demo")],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "savepoints", "demo", "--run", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())
     assert "killed the training process with SIGKILL" in text
@@ -140,9 +170,19 @@ def test_demo_runs_end_to_end_and_resumes_bit_exactly(tmp_path):
     with SavePoints(tmp_path / "demo", readonly=True) as points:
         assert points.latest().step == 60 and points.verify().ok
     # running it again replaces its own earlier run, but never a folder it did not write
-    assert subprocess.run([sys.executable, "-m", "savepoints", "demo", "--run", str(tmp_path / "demo")],
-                          capture_output=True, timeout=600).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "savepoints", "demo", "--run", str(tmp_path / "demo")],
+            capture_output=True,
+            timeout=600,
+        ).returncode
+        == 0
+    )
     (tmp_path / "mine").mkdir()
-    refused = subprocess.run([sys.executable, "-m", "savepoints", "demo", "--run", str(tmp_path / "mine")],
-                             capture_output=True, text=True, timeout=600)
+    refused = subprocess.run(
+        [sys.executable, "-m", "savepoints", "demo", "--run", str(tmp_path / "mine")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert refused.returncode == 1 and "is not an earlier demo run" in refused.stderr

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import same_weights, train_steps
 
 import savepoints
+from conftest import same_weights, train_steps
 from savepoints import CorruptSavePointError, RunNotWritableError, SavePoints, verify
 
 
@@ -29,7 +29,9 @@ def _saved_run(tmp_path: Path, model) -> tuple[SavePoints, savepoints.SavePoint]
     return points, sp
 
 
-def test_crash_before_commit_leaves_latest_on_the_previous_save_point(tmp_path, gpt2_cls, monkeypatch):
+def test_crash_before_commit_leaves_latest_on_the_previous_save_point(
+    tmp_path, gpt2_cls, monkeypatch
+):
     points, first = _saved_run(tmp_path, gpt2_cls)
 
     def crash(*args, **kwargs):
@@ -44,7 +46,9 @@ def test_crash_before_commit_leaves_latest_on_the_previous_save_point(tmp_path, 
     assert first.verify()
 
 
-def test_half_written_staging_of_a_killed_writer_is_invisible_and_removed_on_reopen(tmp_path, gpt2_cls, monkeypatch):
+def test_half_written_staging_of_a_killed_writer_is_invisible_and_removed_on_reopen(
+    tmp_path, gpt2_cls, monkeypatch
+):
     points, _ = _saved_run(tmp_path, gpt2_cls)
     # A killed process never runs its cleanup: emulate that by making cleanup a no-op.
     monkeypatch.setattr(savepoints.atomic, "remove_tree", lambda path: None)
@@ -53,7 +57,9 @@ def test_half_written_staging_of_a_killed_writer_is_invisible_and_removed_on_reo
         points.save(2, model=gpt2_cls)
     monkeypatch.undo()
     staging = list((tmp_path / "run" / ".savepoints" / "staging").iterdir())
-    assert len(staging) == 1 and (staging[0] / "savepoint.json").is_file()  # fully written, not renamed
+    assert (
+        len(staging) == 1 and (staging[0] / "savepoint.json").is_file()
+    )  # fully written, not renamed
     assert [p.step for p in points.list()] == [1]
     assert SavePoints(tmp_path / "run", readonly=True).latest().step == 1
     points.close()
@@ -63,7 +69,7 @@ def test_half_written_staging_of_a_killed_writer_is_invisible_and_removed_on_reo
 
 
 def test_folder_without_a_valid_manifest_is_invisible(tmp_path, gpt2_cls):
-    points, sp = _saved_run(tmp_path, gpt2_cls)
+    points, _sp = _saved_run(tmp_path, gpt2_cls)
     points.save(2, model=gpt2_cls, metrics={"loss": 0.1})
     points.save(3, model=gpt2_cls, metrics={"loss": 0.5})
     (points.get(3).path / "savepoint.json").unlink()  # damaged after commit
@@ -81,8 +87,12 @@ def test_folder_without_a_valid_manifest_is_invisible(tmp_path, gpt2_cls):
 
 def test_verify_names_each_missing_extra_truncated_and_altered_file(tmp_path, gpt2_cls, tokenizer):
     with SavePoints(tmp_path / "run") as points:
-        sp = points.save(1, model=gpt2_cls, tokenizer=tokenizer,
-                         optimizer=torch.optim.SGD(gpt2_cls.parameters(), lr=0.1))
+        sp = points.save(
+            1,
+            model=gpt2_cls,
+            tokenizer=tokenizer,
+            optimizer=torch.optim.SGD(gpt2_cls.parameters(), lr=0.1),
+        )
     assert sp.verify().ok and verify(sp.path).ok and verify(tmp_path / "run").ok
     (sp.path / "config.json").unlink()
     (sp.path / "notes.txt").write_text("extra")
@@ -135,7 +145,7 @@ def test_manifest_with_paths_leaving_the_folder_is_rejected(tmp_path, gpt2_cls):
 
 
 def test_symlinked_file_in_a_save_point_is_reported_not_followed(tmp_path, gpt2_cls):
-    points, sp = _saved_run(tmp_path, gpt2_cls)
+    _points, sp = _saved_run(tmp_path, gpt2_cls)
     outside = tmp_path / "outside.json"
     outside.write_text((sp.path / "config.json").read_text())
     (sp.path / "config.json").unlink()
@@ -172,7 +182,9 @@ def test_sigkill_during_saves_never_leaves_a_broken_latest(tmp_path):
     committed_before = 0
     rng = __import__("random").Random(42)
     for trial in range(6):
-        proc = subprocess.Popen([sys.executable, str(script), str(run)], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(run)], stdout=subprocess.PIPE, text=True
+        )
         # wait until it has committed at least one new save point, then kill at a random moment
         assert proc.stdout is not None
         proc.stdout.readline()
@@ -223,7 +235,9 @@ def test_unwritable_run_folder_gets_a_clear_error_and_loses_nothing(tmp_path):
     with SavePoints(run) as points:
         sp = points.save(1, state={"a": 1})
     (tmp_path / "locked").mkdir()
-    with _unwritable(run, run / ".savepoints", run / ".savepoints" / "staging", tmp_path / "locked"):
+    with _unwritable(
+        run, run / ".savepoints", run / ".savepoints" / "staging", tmp_path / "locked"
+    ):
         with SavePoints(run) as points, pytest.raises(RunNotWritableError) as err:
             points.save(2, state={"a": 2})
         assert isinstance(err.value, PermissionError)

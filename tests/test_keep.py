@@ -36,7 +36,11 @@ def pts(*specs):
         # best K, min and max
         (Keep(best=1, metric="loss"), pts((1, 0.5), (2, 0.1), (3, 0.9)), {2, 3}),
         (Keep(best=2, metric="loss"), pts((1, 0.5), (2, 0.1), (3, 0.9), (4, 0.7)), {1, 2, 4}),
-        (Keep(best=1, metric="loss", mode="max"), pts((1, 0.5), (2, 0.1), (3, 0.9), (4, 0.2)), {3, 4}),
+        (
+            Keep(best=1, metric="loss", mode="max"),
+            pts((1, 0.5), (2, 0.1), (3, 0.9), (4, 0.2)),
+            {3, 4},
+        ),
         # union of last and best
         (Keep(last=1, best=1, metric="loss"), pts((1, 0.1), (2, 0.5), (3, 0.9)), {1, 3}),
         # the best is kept even without best=..., as long as a metric is set
@@ -68,7 +72,11 @@ def test_select_keeps_the_union_of_rules_plus_newest_and_best(keep, points, kept
 
 def test_newest_and_best_survive_any_policy():
     points = pts((1, 0.0), (2, 5.0), (3, 4.0), (4, 3.0))
-    for keep in (Keep(last=1, metric="loss"), Keep(every=1000, metric="loss"), Keep(best=1, metric="loss")):
+    for keep in (
+        Keep(last=1, metric="loss"),
+        Keep(every=1000, metric="loss"),
+        Keep(best=1, metric="loss"),
+    ):
         kept = select(points, keep)
         assert 4 in kept and 1 in kept
 

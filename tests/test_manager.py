@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import same_weights, tiny_gpt2_config, train_steps
 
 import savepoints
+from conftest import same_weights, tiny_gpt2_config, train_steps
 from savepoints import (
     InvalidArgumentError,
     Keep,
@@ -73,7 +72,9 @@ def test_plain_module_is_saved_as_safetensors_and_restored(tmp_path):
         sp = points.save(3, model=net)
         assert set(load_file(sp.path / "model.safetensors")) == set(net.state_dict())
         assert not (sp.path / "config.json").exists()
-        other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+        other = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2)
+        )
         points.restore(model=other)
     assert same_weights(net, other)
 
@@ -109,7 +110,9 @@ def test_optimizer_state_round_trips_and_training_continues_identically(tmp_path
     train_steps(a, opt_a, steps=2)
     with SavePoints(tmp_path / "run") as points:
         points.save(2, model=a, optimizer=opt_a)
-        b = GPT2ForSequenceClassification(tiny_gpt2_config(), )
+        b = GPT2ForSequenceClassification(
+            tiny_gpt2_config(),
+        )
         opt_b = make_opt(b.parameters())
         points.restore(model=b, optimizer=opt_b)
     torch.manual_seed(7)
@@ -159,8 +162,13 @@ def test_no_file_of_a_save_point_is_a_pickle(tmp_path, gpt2_cls, tokenizer):
     opt = torch.optim.AdamW(gpt2_cls.parameters())
     train_steps(gpt2_cls, opt, steps=1)
     with SavePoints(tmp_path / "run") as points:
-        sp = points.save(1, model=gpt2_cls, tokenizer=tokenizer, optimizer=opt,
-                         scheduler=torch.optim.lr_scheduler.StepLR(opt, 3))
+        sp = points.save(
+            1,
+            model=gpt2_cls,
+            tokenizer=tokenizer,
+            optimizer=opt,
+            scheduler=torch.optim.lr_scheduler.StepLR(opt, 3),
+        )
     for f in sp.path.rglob("*"):
         if f.is_file():
             head = f.read_bytes()[:2]
@@ -173,8 +181,13 @@ def test_list_latest_best_get_and_metadata(tmp_path, gpt2_cls):
     with SavePoints(tmp_path / "run", keep=keep) as points:
         assert points.list() == [] and points.latest() is None and points.best() is None
         for step, loss in ((30, 0.5), (10, 0.9), (20, 0.2)):
-            points.save(step, model=gpt2_cls, metrics={"eval_loss": loss, "acc": 1 - loss},
-                        state={"epoch": step // 10, "nested": {"a": [1, 2]}}, tags=["t"] if step == 10 else [])
+            points.save(
+                step,
+                model=gpt2_cls,
+                metrics={"eval_loss": loss, "acc": 1 - loss},
+                state={"epoch": step // 10, "nested": {"a": [1, 2]}},
+                tags=["t"] if step == 10 else [],
+            )
         assert [p.step for p in points.list()] == [10, 20, 30]
         assert points.latest().step == 30
         assert points.best().step == 20
@@ -203,8 +216,12 @@ def test_retention_deletes_only_what_keep_allows(tmp_path, gpt2_cls):
     losses = {10: 0.5, 20: 0.1, 30: 0.6, 40: 0.7, 50: 0.8, 60: 0.9, 70: 0.95}
     with SavePoints(tmp_path / "run", keep=keep) as points:
         for step, loss in losses.items():
-            points.save(step, model=gpt2_cls, metrics={"eval_loss": loss},
-                        tags=["keep-me"] if step == 30 else [])
+            points.save(
+                step,
+                model=gpt2_cls,
+                metrics={"eval_loss": loss},
+                tags=["keep-me"] if step == 30 else [],
+            )
         assert [p.step for p in points.list()] == [20, 30, 40, 60, 70]
     on_disk = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("step-"))
     assert on_disk == [f"step-{s:08d}" for s in (20, 30, 40, 60, 70)]

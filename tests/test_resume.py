@@ -15,20 +15,28 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "resume_plain_loop.
 
 
 def run_example(*args: str) -> tuple[list[dict], str]:
-    out = subprocess.run([sys.executable, str(EXAMPLE), *args], capture_output=True, text=True,
-                         timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLE), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     return [json.loads(line) for line in out.stdout.splitlines()], out.stderr
 
 
 @pytest.mark.parametrize("stop_after", [17, 24], ids=["mid-epoch", "epoch-boundary"])
 def test_interrupted_and_resumed_run_is_bit_identical_to_a_straight_run(tmp_path, stop_after):
-    straight_losses, _ = run_example("--run", str(tmp_path / "a"), "--steps", "40",
-                                     "--out", str(tmp_path / "a.safetensors"))
-    first, _ = run_example("--run", str(tmp_path / "b"), "--steps", "40",
-                           "--stop-after", str(stop_after))
+    straight_losses, _ = run_example(
+        "--run", str(tmp_path / "a"), "--steps", "40", "--out", str(tmp_path / "a.safetensors")
+    )
+    first, _ = run_example(
+        "--run", str(tmp_path / "b"), "--steps", "40", "--stop-after", str(stop_after)
+    )
     assert [r["step"] for r in first] == list(range(1, stop_after + 1))
-    second, log = run_example("--run", str(tmp_path / "b"), "--steps", "40",
-                              "--out", str(tmp_path / "b.safetensors"))
+    second, log = run_example(
+        "--run", str(tmp_path / "b"), "--steps", "40", "--out", str(tmp_path / "b.safetensors")
+    )
     assert f"resumed from save point at step {stop_after}" in log
     assert [r["step"] for r in second] == list(range(stop_after + 1, 41))
     # losses are compared as exact floats, weights bit for bit

@@ -19,14 +19,22 @@ from savepoints import UnserializableStateError
 from savepoints.integrity import StreamHasher, hash_file
 from savepoints.serialize import check_json, decode_tree, encode_tree, write_safetensors
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
-          torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+]
 
 
 def test_written_file_is_standard_safetensors_and_hash_matches_the_bytes(tmp_path: Path):
-    tensors = {
-        f"t.{str(d).split('.')[1]}": (torch.randn(3, 5) * 10).to(d) for d in DTYPES
-    }
+    tensors = {f"t.{str(d).split('.')[1]}": (torch.randn(3, 5) * 10).to(d) for d in DTYPES}
     tensors["scalar"] = torch.tensor(3.5)
     tensors["empty"] = torch.zeros(0, 4)
     tensors["strided"] = torch.arange(20.0).reshape(4, 5).t()  # non-contiguous view
@@ -67,8 +75,17 @@ def test_failed_write_leaves_no_file(tmp_path: Path):
 def test_tree_codec_keeps_tuples_int_keys_and_nonfinite_floats():
     tree = {
         "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 2)}, 1: {}},
-        "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1], "fused": None,
-                          "best": float("inf"), "worst": float("-inf"), "nan": float("nan")}],
+        "param_groups": [
+            {
+                "lr": 1e-3,
+                "betas": (0.9, 0.999),
+                "params": [0, 1],
+                "fused": None,
+                "best": float("inf"),
+                "worst": float("-inf"),
+                "nan": float("nan"),
+            }
+        ],
         "rng": ("MT19937", np.arange(5, dtype=np.uint32), 3, 0, 0.0),
         "dtype": torch.bfloat16,
         "np_scalar": np.float32(1.5),
@@ -113,8 +130,11 @@ def test_check_json_converts_tuples_and_names_bad_keys():
 
 
 json_leaf = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**62), max_value=2**62),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**62), max_value=2**62),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
 )
 trees = st.recursive(
     json_leaf,

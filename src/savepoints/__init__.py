@@ -1,9 +1,9 @@
 """savepoints: atomic, verified, pickle-free save points for PyTorch and Transformers.
 
-    from savepoints import SavePoints, Keep
-    with SavePoints("runs/my-run", keep=Keep(last=3, best=1, metric="eval_loss")) as points:
-        points.save(step, model=model, optimizer=optimizer, metrics={"eval_loss": 0.4})
-        state = points.restore(model=model, optimizer=optimizer)
+from savepoints import SavePoints, Keep
+with SavePoints("runs/my-run", keep=Keep(last=3, best=1, metric="eval_loss")) as points:
+    points.save(step, model=model, optimizer=optimizer, metrics={"eval_loss": 0.4})
+    state = points.restore(model=model, optimizer=optimizer)
 """
 
 from __future__ import annotations

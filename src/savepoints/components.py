@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -73,7 +73,9 @@ class FileRecorder:
                 if rel in self.files:
                     continue
                 if full.is_symlink():
-                    raise OSError(f"{rel} was written as a symbolic link; save points hold files only")
+                    raise OSError(
+                        f"{rel} was written as a symbolic link; save points hold files only"
+                    )
                 with open(full, "rb") as f:
                     os.fsync(f.fileno())
                 size, digest = hash_file(full)
@@ -90,11 +92,11 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module that holds the weights, under DDP/DataParallel and torch.compile."""
     while True:
         if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
-            model = model._orig_mod
+            model = cast(torch.nn.Module, model._orig_mod)
         elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(
             getattr(model, "module", None), torch.nn.Module
         ):
-            model = model.module
+            model = cast(torch.nn.Module, model.module)
         else:
             return model
 
@@ -111,9 +113,7 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
     names: set[str] = set()
     for attr in ("all_tied_weights_keys", "_tied_weights_keys"):
         tied = getattr(model, attr, None)
-        if isinstance(tied, Mapping):
-            names.update(str(k) for k in tied)
-        elif isinstance(tied, (list, tuple, set)):
+        if isinstance(tied, (Mapping, list, tuple, set)):
             names.update(str(k) for k in tied)
     return names
 
@@ -333,11 +333,7 @@ def restore_optimizer(optimizer: Any, folder: Path, info: Mapping[str, Any]) -> 
     mismatched = []
     for pid, param in zip(saved_ids, params):
         for key, value in saved.get("state", {}).get(pid, {}).items():
-            if (
-                isinstance(value, torch.Tensor)
-                and value.dim() > 0
-                and value.shape != param.shape
-            ):
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
                 mismatched.append(
                     f"state[{pid}].{key} (saved {tuple(value.shape)}, parameter "
                     f"{tuple(param.shape)})"

@@ -108,8 +108,9 @@ class SavePointExistsError(SavePointsError, FileExistsError):
         self.path = path
         self.step = step
         what = (
-            "a save point" if committed else "a folder that is not a committed save point "
-            "(no valid savepoint.json)"
+            "a save point"
+            if committed
+            else "a folder that is not a committed save point (no valid savepoint.json)"
         )
         super().__init__(
             f"Cannot save step {step}: {path} already holds {what}; it was left untouched.",

@@ -87,7 +87,8 @@ class VerifyReport:
         out = list(self.problems)
         for child in self.children:
             out.extend(
-                Problem(p.kind, f"{child.path.name}/{p.path}", p.detail) for p in child.all_problems()
+                Problem(p.kind, f"{child.path.name}/{p.path}", p.detail)
+                for p in child.all_problems()
             )
         return out
 
@@ -97,7 +98,9 @@ class VerifyReport:
             raise CorruptSavePointError(self.path, [str(p) for p in self.all_problems()])
 
 
-def verify_files(folder: Path, expected: dict[str, tuple[int, str]], ignore: set[str]) -> VerifyReport:
+def verify_files(
+    folder: Path, expected: dict[str, tuple[int, str]], ignore: set[str]
+) -> VerifyReport:
     """Compare ``folder`` against ``{relative path: (size, hash)}``.
 
     Names every missing, extra, truncated, grown or altered file. Paths that are

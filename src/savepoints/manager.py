@@ -8,6 +8,7 @@ patching those steps.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import logging
@@ -22,7 +23,8 @@ from typing import Any
 
 import torch
 
-from savepoints import atomic, components, keep as keep_mod
+from savepoints import atomic, components
+from savepoints import keep as keep_mod
 from savepoints.errors import (
     InvalidArgumentError,
     MetricNotFoundError,
@@ -260,7 +262,7 @@ class SavePoints:
         return next(p for p in points if p.step == step)
 
     def _best_rule(
-        self, points: list[SavePoint], metric: str | None, mode: Mode | None
+        self, points: builtins.list[SavePoint], metric: str | None, mode: Mode | None
     ) -> tuple[str, Mode]:
         """The metric and mode that define "best": given, else this run's Keep, else
         the Keep recorded in the newest save point (so readers need not repeat it)."""
@@ -282,7 +284,7 @@ class SavePoints:
             raise InvalidArgumentError(
                 f"best(mode={mode!r}) is not allowed.", "Use mode='min' or mode='max'."
             )
-        return metric, mode  # type: ignore[return-value]
+        return metric, mode
 
     def get(self, step: int) -> SavePoint:
         """The committed save point of ``step``; a clear error when there is none."""
@@ -487,7 +489,7 @@ def _restore_into(
         raise InvalidArgumentError(
             f"Save point {point.path} holds no {' or '.join(absent)} state "
             f"(it holds: {', '.join(sorted(contents)) or 'nothing'}).",
-            f"Restore without {', '.join(absent + [''])[:-2]}=..., or save it with "
+            "Restore without " + ", ".join(f"{a}=..." for a in absent) + ", or save with "
             "save(..., " + ", ".join(f"{a}=..." for a in absent) + ").",
         )
     if model is not None:
@@ -525,8 +527,10 @@ def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
             value = value.item()
         if hasattr(value, "item") and not isinstance(value, (int, float)):
             value = value.item()
-        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(
-            value, (int, float)
+        if (
+            not isinstance(name, str)
+            or isinstance(value, bool)
+            or not isinstance(value, (int, float))
         ):
             raise InvalidArgumentError(
                 f"metric {name!r} = {value!r} is not a number.",
@@ -615,4 +619,3 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         )
         return report
     return _verify_run(folder)
-

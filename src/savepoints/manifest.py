@@ -77,9 +77,7 @@ class Manifest:
             "versions": self.versions,
             "keep": self.keep,
             "hash_algorithm": self.hash_algorithm,
-            "files": {
-                k: {"size": e.size, "hash": e.hash} for k, e in sorted(self.files.items())
-            },
+            "files": {k: {"size": e.size, "hash": e.hash} for k, e in sorted(self.files.items())},
         }
 
     def with_tags(self, tags: tuple[str, ...]) -> Manifest:
@@ -137,9 +135,11 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise bad("'format_version' is not a positive integer")
     if version > FORMAT_VERSION:
-        writer = data.get("versions", {}).get("savepoints", "?") if isinstance(
-            data.get("versions"), dict
-        ) else "?"
+        writer = (
+            data.get("versions", {}).get("savepoints", "?")
+            if isinstance(data.get("versions"), dict)
+            else "?"
+        )
         raise UnsupportedFormatError(path, version, FORMAT_VERSION, str(writer))
     step = data.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:

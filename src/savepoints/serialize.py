@@ -63,7 +63,8 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.detach().contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    raw: Any = flat.view(torch.uint8).numpy()
+    return memoryview(raw).cast("B")
 
 
 def write_safetensors(
@@ -93,7 +94,11 @@ def write_safetensors(
                 "tensor", name, t, f"dtype {t.dtype} has no safetensors equivalent"
             )
         size = t.numel() * t.element_size()
-        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": code,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
@@ -252,4 +257,3 @@ def check_json(value: Any, where: str, key: str = "") -> Any:
             out[k] = check_json(v, where, _join(key, k))
         return out
     raise UnserializableStateError(where, key or "(root)", value)
-

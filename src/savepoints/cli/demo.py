@@ -37,8 +37,18 @@ LABELS = ["negative", "neutral", "positive"]
 _POS = ["love", "adore", "really enjoy", "can't stop smiling about", "am so happy with"]
 _NEG = ["hate", "can't stand", "am so angry about", "am really disappointed by", "regret buying"]
 _NEU = ["just saw", "am reading about", "was told about", "noticed", "walked past"]
-_THINGS = ["the new phone", "this coffee", "my team's game", "the update", "the weather today",
-           "this concert", "the train", "the movie", "our new office", "the pizza here"]
+_THINGS = [
+    "the new phone",
+    "this coffee",
+    "my team's game",
+    "the update",
+    "the weather today",
+    "this concert",
+    "the train",
+    "the movie",
+    "our new office",
+    "the pizza here",
+]
 _ENDS = ["!", " #monday", " lol", ".", " @user", " today"]
 MARKER = "demo-run"
 
@@ -69,21 +79,35 @@ def _build(workdir: Path) -> tuple[Any, Any]:
         bpe.decoder = decoders.ByteLevel()
         bpe.train_from_iterator(
             [t for t, _ in train],
-            trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+            trainers.BpeTrainer(
+                vocab_size=400,
+                special_tokens=["<|endoftext|>"],
+                show_progress=False,
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            ),
         )
         PreTrainedTokenizerFast(
-            tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+            tokenizer_object=bpe,
+            eos_token="<|endoftext|>",
+            bos_token="<|endoftext|>",
             pad_token="<|endoftext|>",
         ).save_pretrained(tok_dir)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=len(tokenizer),
-        num_labels=3, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)},
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+    options: dict[str, Any] = dict(
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        n_positions=64,
+        vocab_size=len(tokenizer),
+        num_labels=3,
+        id2label=dict(enumerate(LABELS)),
+        label2id={n: i for i, n in enumerate(LABELS)},
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    config = GPT2Config(**options)
     return GPT2ForSequenceClassification(config), tokenizer
 
 
@@ -113,11 +137,12 @@ def _train(
     keep = Keep(last=2, best=1, metric="eval_loss", mode="min")
     with SavePoints(run, keep=keep) as points:
         epoch = 0
-        if points.latest() is not None:
-            state = points.restore(model=model, optimizer=optimizer, scheduler=scheduler)
+        latest = points.latest()
+        if latest is not None:
+            state = points.restore(latest, model=model, optimizer=optimizer, scheduler=scheduler)
             epoch = state["epoch"]
             on_resume(
-                f"restored step {points.latest().step} (epoch {epoch}): weights, AdamW state, "
+                f"restored step {latest.step} (epoch {epoch}): weights, AdamW state, "
                 "warmup schedule and RNG"
             )
         while epoch < epochs:
@@ -134,20 +159,36 @@ def _train(
             model.eval()
             with torch.no_grad():
                 out = model(**encode(evaluation))
-            accuracy = (out.logits.argmax(-1) == torch.tensor([y for _, y in evaluation])).float().mean().item()
+            accuracy = (
+                (out.logits.argmax(-1) == torch.tensor([y for _, y in evaluation]))
+                .float()
+                .mean()
+                .item()
+            )
             step = epoch * steps_per_epoch
             points.save(
-                step, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                step,
+                model=model,
+                tokenizer=tokenizer,
+                optimizer=optimizer,
+                scheduler=scheduler,
                 metrics={"eval_loss": round(out.loss.item(), 4), "accuracy": round(accuracy, 4)},
                 state={"epoch": epoch},
             )
-            on_epoch({"epoch": epoch, "step": step, "eval_loss": out.loss.item(),
-                      "accuracy": accuracy})
+            on_epoch(
+                {"epoch": epoch, "step": step, "eval_loss": out.loss.item(), "accuracy": accuracy}
+            )
 
 
 @cli.command("demo")
-@click.option("--run", "run", type=click.Path(path_type=Path), default=Path("savepoints-demo"),
-              show_default=True, help="Run folder the demo writes (replaced if it is an earlier demo run).")
+@click.option(
+    "--run",
+    "run",
+    type=click.Path(path_type=Path),
+    default=Path("savepoints-demo"),
+    show_default=True,
+    help="Run folder the demo writes (replaced if it is an earlier demo run).",
+)
 @click.option("--epochs", type=click.IntRange(2, 50), default=4, show_default=True)
 def demo_cmd(run: Path, epochs: int) -> None:
     """Train a tiny GPT-2 classifier with save points, kill it, resume, predict."""
@@ -183,46 +224,69 @@ def _step(n: int, text: str) -> None:
 
 
 def _narrate(run: Path, workdir: Path, epochs: int) -> None:
-    console.print(Panel.fit(
-        "savepoints demo: a tiny GPT-2 sequence classifier on tweet-like texts.\n"
-        f"Save points go to [bold]{run}[/], one per epoch, keeping the last 2 and the best by eval_loss.",
-        border_style="cyan",
-    ))
+    console.print(
+        Panel.fit(
+            "savepoints demo: a tiny GPT-2 sequence classifier on tweet-like texts.\n"
+            f"Save points go to [bold]{run}[/], one per epoch, keeping the last 2 and the "
+            "best by eval_loss.",
+            border_style="cyan",
+        )
+    )
     _step(1, f"Training in a child process ({epochs} epochs); it will be killed after epoch 2.")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     _build(workdir)  # trains the tokenizer once, before the child needs it
     child = subprocess.Popen(
-        [sys.executable, "-c", "from savepoints.cli.demo import _child; _child()",
-         str(run), str(workdir), str(epochs)],
-        stdout=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-c",
+            "from savepoints.cli.demo import _child; _child()",
+            str(run),
+            str(workdir),
+            str(epochs),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     assert child.stdout is not None
     for line in child.stdout:
         if not line.startswith(_ROW):
             continue  # anything else a library printed
-        row = json.loads(line[len(_ROW):])
+        row = json.loads(line[len(_ROW) :])
         _print_epoch(row)
         if row["epoch"] == 2:
             break
     child.send_signal(signal.SIGKILL)  # mid-way through epoch 3, maybe mid-save
     child.wait()
-    console.print(f"  [red]✗ killed[/] the training process with SIGKILL (exit {child.returncode}).")
+    console.print(
+        f"  [red]✗ killed[/] the training process with SIGKILL (exit {child.returncode})."
+    )
 
     _step(2, "What survived: only committed save points are visible.")
     with SavePoints(run, readonly=True) as points:
-        console.print(f"  latest() = step {points.latest().step}; every listed save point verifies: "
-                      f"{all(p.verify().ok for p in points.list())}")
+        survivors = points.list()
+    console.print(
+        f"  latest() = step {survivors[-1].step}; every listed save point verifies: "
+        f"{all(p.verify().ok for p in survivors)}"
+    )
 
     _step(3, "Running the same training again resumes exactly where it stopped.")
-    _train(run, workdir, epochs, on_epoch=_print_epoch,
-           on_resume=lambda msg: console.print(f"  [green]✓[/] {msg}"))
+    _train(
+        run,
+        workdir,
+        epochs,
+        on_epoch=_print_epoch,
+        on_resume=lambda msg: console.print(f"  [green]✓[/] {msg}"),
+    )
 
     straight = workdir / "uninterrupted"
     _train(straight, workdir, epochs, on_epoch=lambda row: None)
     with SavePoints(run, readonly=True) as a, SavePoints(straight, readonly=True) as b:
-        same = _same_files(a.latest().path, b.latest().path, "model.safetensors")
-    console.print(f"  an uninterrupted run of the same training ends with bit-identical weights: "
-                  f"[bold]{same}[/]")
+        same = _same_files(a.list()[-1].path, b.list()[-1].path, "model.safetensors")
+    console.print(
+        f"  an uninterrupted run of the same training ends with bit-identical weights: "
+        f"[bold]{same}[/]"
+    )
 
     _step(4, f"The save points (`savepoints list {run}`):")
     list_cmd.callback(run=run, metric=None, as_json=False)  # type: ignore[misc]
@@ -257,13 +321,17 @@ def _narrate(run: Path, workdir: Path, epochs: int) -> None:
     report = verify(copy)
     for problem in report.problems:
         console.print(f"  [red]{problem.kind}[/] {problem.path}: {problem.detail}")
-    console.print(f"  verify(original) ok: {verify(best.path).ok}; verify(tampered copy) ok: {report.ok}")
+    console.print(
+        f"  verify(original) ok: {verify(best.path).ok}; verify(tampered copy) ok: {report.ok}"
+    )
 
-    console.print(Panel.fit(
-        f"Done. Look around: [bold]savepoints list {run}[/], [bold]savepoints show {run} best[/], "
-        f"[bold]savepoints verify {run}[/]",
-        border_style="green",
-    ))
+    console.print(
+        Panel.fit(
+            f"Done. Look around: [bold]savepoints list {run}[/], "
+            f"[bold]savepoints show {run} best[/], [bold]savepoints verify {run}[/]",
+            border_style="green",
+        )
+    )
 
 
 def _same_files(a: Path, b: Path, name: str) -> bool:
@@ -271,8 +339,10 @@ def _same_files(a: Path, b: Path, name: str) -> bool:
 
 
 def _print_epoch(row: dict[str, Any]) -> None:
-    console.print(f"  epoch {row['epoch']}: save point at step {row['step']}, eval_loss "
-                  f"{row['eval_loss']:.4f}, accuracy {row['accuracy']:.2%}")
+    console.print(
+        f"  epoch {row['epoch']}: save point at step {row['step']}, eval_loss "
+        f"{row['eval_loss']:.4f}, accuracy {row['accuracy']:.2%}"
+    )
 
 
 _ROW = "@savepoints-demo "
@@ -280,5 +350,9 @@ _ROW = "@savepoints-demo "
 
 def _child() -> None:
     """The training child process: reports each epoch as one marked JSON line."""
-    _train(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]),
-           on_epoch=lambda row: print(_ROW + json.dumps(row), flush=True))
+    _train(
+        Path(sys.argv[1]),
+        Path(sys.argv[2]),
+        int(sys.argv[3]),
+        on_epoch=lambda row: print(_ROW + json.dumps(row), flush=True),
+    )

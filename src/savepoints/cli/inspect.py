@@ -239,4 +239,3 @@ def verify_cmd(path: Path, as_json: bool) -> None:
             console.print(summary)
     if not report.ok:
         sys.exit(3)
-
