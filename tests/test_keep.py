@@ -104,6 +104,15 @@ def test_bad_keep_is_rejected_at_construction(kwargs, fragment):
     assert isinstance(err.value, ValueError)
 
 
+@pytest.mark.parametrize(
+    ("metric", "mode"),
+    [("eval_loss", "min"), ("loss", "min"), ("eval_accuracy", "max"), ("f1", "max"), (None, "min")],
+)
+def test_mode_defaults_to_transformers_greater_is_better_rule(metric, mode):
+    assert Keep(metric=metric).mode == mode
+    assert Keep(metric=metric, mode="max").mode == "max"
+
+
 def test_keep_is_keyword_only_and_frozen():
     with pytest.raises(TypeError):
         Keep(3)  # type: ignore[misc]

@@ -370,3 +370,40 @@ def test_unknown_manifest_fields_are_kept(tmp_path):
     manifest["future_field"] = {"x": 1}
     (sp.path / "savepoint.json").write_text(json.dumps(manifest))
     assert savepoints.SavePoint.open(sp.path).manifest.to_json()["future_field"] == {"x": 1}
+
+
+def test_delete_removes_one_save_point_atomically(tmp_path):
+    with SavePoints(tmp_path / "run") as points:
+        for step in (1, 2, 3):
+            points.save(step)
+        points.delete(2)
+        assert [p.step for p in points.list()] == [1, 3]
+        assert not (tmp_path / "run" / "step-00000002").exists()
+        with pytest.raises(SavePointNotFoundError):
+            points.delete(2)
+    with pytest.raises(ReadOnlyRunError):
+        SavePoints(tmp_path / "run", readonly=True).delete(1)
+
+
+def test_a_stray_folder_at_the_step_name_is_not_overwritten_silently(tmp_path):
+    stray = tmp_path / "run" / "step-00000004"
+    stray.mkdir(parents=True)
+    (stray / "mine.txt").write_text("keep")
+    with SavePoints(tmp_path / "run") as points:
+        with pytest.raises(SavePointExistsError, match="not a committed save point"):
+            points.save(4)
+        assert (stray / "mine.txt").read_text() == "keep"
+        points.save(4, overwrite=True)
+        assert points.get(4).verify()
+
+
+def test_opening_a_folder_that_is_not_a_save_point_is_a_manifest_error(tmp_path):
+    with pytest.raises(savepoints.ManifestError, match="does not exist"):
+        savepoints.SavePoint.open(tmp_path)
+
+
+def test_closed_run_refuses_to_save(tmp_path):
+    points = SavePoints(tmp_path / "run")
+    points.close()
+    with pytest.raises(InvalidArgumentError, match="closed"):
+        points.save(1)

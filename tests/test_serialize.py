@@ -52,6 +52,13 @@ def test_written_file_is_standard_safetensors_and_hash_matches_the_bytes(tmp_pat
     assert header_len % 8 == 0
 
 
+def test_large_tensors_hash_the_same_in_the_pipeline(tmp_path: Path):
+    big = {"w": torch.randn(3_000_000), "b": torch.randn(7), "v": torch.randn(20_000_000)}
+    h = StreamHasher()
+    write_safetensors(tmp_path / "x", big, None, hasher=h)
+    assert hash_file(tmp_path / "x") == (h.size, h.hexdigest())
+
+
 def test_same_state_gives_same_bytes(tmp_path: Path):
     a = {"b": torch.ones(4), "a": torch.zeros(2)}
     b = {"a": torch.zeros(2), "b": torch.ones(4)}
@@ -60,7 +67,8 @@ def test_same_state_gives_same_bytes(tmp_path: Path):
     assert (tmp_path / "1").read_bytes() == (tmp_path / "2").read_bytes()
 
 
-def test_failed_write_leaves_no_file(tmp_path: Path):
+@pytest.mark.parametrize("numel", [1000, 4_000_000], ids=["hashed-inline", "hashed-in-thread"])
+def test_failed_write_leaves_no_file(tmp_path: Path, numel: int):
     class Boom(StreamHasher):
         def update(self, data):
             if len(data) > 100:
@@ -68,7 +76,7 @@ def test_failed_write_leaves_no_file(tmp_path: Path):
             super().update(data)
 
     with pytest.raises(OSError):
-        write_safetensors(tmp_path / "x", {"a": torch.ones(1000)}, None, hasher=Boom())
+        write_safetensors(tmp_path / "x", {"a": torch.ones(numel)}, None, hasher=Boom())
     assert not (tmp_path / "x").exists()
 
 

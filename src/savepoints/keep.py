@@ -36,8 +36,10 @@ class Keep:
     """The metric that ranks save points, e.g. ``"eval_loss"``. Also what ``best()``
     uses when it is called without a metric."""
 
-    mode: Mode = "min"
-    """``"min"`` when smaller is better (losses), ``"max"`` when larger is (accuracy)."""
+    mode: Mode | None = None
+    """``"min"`` when smaller is better (losses), ``"max"`` when larger is (accuracy).
+    Left out, it follows Transformers' rule for ``greater_is_better``: ``"min"`` for a
+    metric whose name ends in ``loss``, ``"max"`` for any other."""
 
     every: int | None = None
     """Keep every save point whose step is a multiple of this (milestones)."""
@@ -46,6 +48,8 @@ class Keep:
     """Keep every save point that has at least one tag."""
 
     def __post_init__(self) -> None:
+        if self.mode is None:
+            object.__setattr__(self, "mode", default_mode(self.metric or "loss"))
         for name in ("last", "best", "every"):
             value = getattr(self, name)
             if value is not None and (
@@ -82,6 +86,11 @@ class PointInfo:
     tags: Sequence[str] = ()
 
 
+def default_mode(metric: str) -> Mode:
+    """Transformers' convention: lower is better for losses, higher for anything else."""
+    return "min" if metric.endswith("loss") else "max"
+
+
 def rank_best(points: Iterable[PointInfo], metric: str, mode: Mode) -> list[PointInfo]:
     """Points that recorded ``metric``, best first; ties go to the newer step."""
     scored = [p for p in points if metric in p.metrics]
@@ -99,7 +108,7 @@ def select(points: Sequence[PointInfo], keep: Keep) -> set[int]:
     if keep.last is not None:
         kept.update(p.step for p in by_step[-keep.last :])
     if keep.metric:
-        ranked = rank_best(points, keep.metric, keep.mode)
+        ranked = rank_best(points, keep.metric, keep.mode or default_mode(keep.metric))
         kept.update(p.step for p in ranked[: max(keep.best or 0, 1)])
     if keep.every is not None:
         kept.update(p.step for p in points if p.step % keep.every == 0)

@@ -279,7 +279,8 @@ class SavePoints:
                 "keep=Keep(metric=..., mode=...).",
             )
         if mode is None:
-            mode = rule.get("mode", "min") if metric == rule.get("metric") else "min"
+            same = metric == rule.get("metric") and rule.get("mode")
+            mode = rule["mode"] if same else keep_mod.default_mode(metric)
         if mode not in ("min", "max"):
             raise InvalidArgumentError(
                 f"best(mode={mode!r}) is not allowed.", "Use mode='min' or mode='max'."
@@ -399,6 +400,7 @@ class SavePoints:
         if rng:
             skeleton, tensors = encode_tree(components.capture_rng(), "rng state")
             contents["rng"] = components.write_tree(rec, "rng", skeleton, tensors)
+            contents["rng"]["generators"] = sorted(skeleton)
         return contents
 
     def _commit(self, staging: Path, final: Path, replace_existing: bool) -> None:

@@ -171,7 +171,7 @@ def show_cmd(run: Path, step: str | None, as_json: bool) -> None:
         console.print_json(json.dumps(sp.state))
     tree = Tree("[bold]contents[/]")
     for name, info in m.contents.items():
-        desc = info.get("class", "")
+        desc = info.get("class", "") or ", ".join(info.get("generators", []))
         if name == "model":
             desc += f"  ({info.get('kind')}, {info.get('tensors')} tensors"
             if info.get("tied"):
