@@ -53,13 +53,16 @@ def hf_style(folder: Path, model, optimizer, scheduler) -> None:
     model.save_pretrained(folder)
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(),
-           "cpu": torch.get_rng_state()}
+    rng = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cpu": torch.get_rng_state(),
+    }
     torch.save(rng, folder / "rng_state.pth")
 
 
 class NoHash(savepoints.integrity.StreamHasher):
-    def update(self, data) -> None:  # noqa: ANN001
+    def update(self, data) -> None:
         self.size += len(data)
 
 
@@ -68,7 +71,9 @@ def du(folder: Path) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir on /tmp)")
@@ -76,7 +81,11 @@ def main() -> None:
 
     model, optimizer, scheduler = build(args.layers)
     base = Path(tempfile.mkdtemp(prefix="sp-bench-", dir=args.dir))
-    times: dict[str, list[float]] = {"savepoints": [], "savepoints-nohash": [], "hf-trainer-style": []}
+    times: dict[str, list[float]] = {
+        "savepoints": [],
+        "savepoints-nohash": [],
+        "hf-trainer-style": [],
+    }
     sizes: dict[str, int] = {}
     try:
         for i in range(args.repeats):
@@ -107,17 +116,24 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
 
     params = sum(p.numel() for p in model.parameters())
-    print(f"GPT-2 with {args.layers} layers ({params / 1e6:.0f}M parameters) + AdamW, "
-          f"{args.repeats} runs each, on {os.cpu_count()} CPU cores\n")
+    print(
+        f"GPT-2 with {args.layers} layers ({params / 1e6:.0f}M parameters) + AdamW, "
+        f"{args.repeats} runs each, on {os.cpu_count()} CPU cores\n"
+    )
     print(f"{'variant':20} {'bytes':>10} {'min s':>8} {'median s':>9} {'max s':>8} {'MB/s':>7}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:20} {sizes[name] / 1e6:9.0f}M {min(ts):8.2f} {med:9.2f} {max(ts):8.2f} "
-              f"{sizes[name] / med / 1e6:7.0f}")
+        print(
+            f"{name:20} {sizes[name] / 1e6:9.0f}M {min(ts):8.2f} {med:9.2f} {max(ts):8.2f} "
+            f"{sizes[name] / med / 1e6:7.0f}"
+        )
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\nhash overhead: savepoints / savepoints-nohash = {med['savepoints'] / med['savepoints-nohash']:.2f}x")
-    print(f"savepoints (durable, hashed) / hf-trainer-style (not fsynced) = "
-          f"{med['savepoints'] / med['hf-trainer-style']:.2f}x")
+    overhead = med["savepoints"] / med["savepoints-nohash"]
+    print(f"\nhash overhead: savepoints / savepoints-nohash = {overhead:.2f}x")
+    print(
+        f"savepoints (durable, hashed) / hf-trainer-style (not fsynced) = "
+        f"{med['savepoints'] / med['hf-trainer-style']:.2f}x"
+    )
     print(f"BLAKE3 in memory: {hash_gbps:.1f} GB/s")
 
 

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-.venv/bin/ruff check src tests examples
+.venv/bin/ruff check src tests examples bench
 .venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

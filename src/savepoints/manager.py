@@ -16,6 +16,7 @@ import os
 import platform
 import socket
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -331,6 +332,7 @@ class SavePoints:
                 "Pass the model object itself (e.g. trainer.model).",
             )
 
+        started = time.perf_counter()
         final = self._layout.point_dir(step)
         existing = self._existing(final, step, overwrite)
         staging = self._layout.new_staging_dir(step)
@@ -364,6 +366,10 @@ class SavePoints:
             raise
         self._parent = step
         point = SavePoint(final, manifest)
+        log.info(
+            "savepoints: committed step %d (%.1f MB in %.2f s) at %s",
+            step, point.size / 1e6, time.perf_counter() - started, final,
+        )  # fmt: skip
         self._apply_retention()
         return point
 
@@ -424,6 +430,7 @@ class SavePoints:
         self._delete(point.step)
 
     def _delete(self, step: int) -> None:
+        log.info("savepoints: retention deletes step %d of %s", step, self.path)
         try:
             atomic.retire(self._layout.point_dir(step), self._layout.new_trash_dir(step))
         except OSError as e:

@@ -21,8 +21,8 @@ import math
 import os
 import struct
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
