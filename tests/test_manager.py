@@ -407,3 +407,48 @@ def test_closed_run_refuses_to_save(tmp_path):
     points.close()
     with pytest.raises(InvalidArgumentError, match="closed"):
         points.save(1)
+
+
+class Counter:
+    """A user object with state_dict/load_state_dict (like a grad scaler or an EMA)."""
+
+    def __init__(self) -> None:
+        self.n, self.history, self.buffer = 0, (1, 2), torch.zeros(3)
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "history": self.history, "buffer": self.buffer}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.n, self.history, self.buffer = sd["n"], sd["history"], sd["buffer"].clone()
+
+
+def test_extra_stateful_objects_and_files_round_trip(tmp_path):
+    c = Counter()
+    c.n, c.buffer = 7, torch.arange(3.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with SavePoints(tmp_path / "run") as points:
+        sp = points.save(
+            1,
+            extra={"counter": c, "scaler": scaler},
+            files={"trainer_state.json": '{"global_step": 1}', "notes/a.txt": b"x"},
+        )
+        assert json.loads((sp.path / "trainer_state.json").read_text()) == {"global_step": 1}
+        assert (sp.path / "notes" / "a.txt").read_bytes() == b"x" and sp.verify()
+        fresh, fresh_scaler = Counter(), torch.amp.GradScaler("cpu", init_scale=2.0)
+        points.restore(extra={"counter": fresh, "scaler": fresh_scaler})
+        assert fresh.n == 7 and fresh.history == (1, 2) and torch.equal(fresh.buffer, c.buffer)
+        assert fresh_scaler.state_dict() == scaler.state_dict()
+        with pytest.raises(InvalidArgumentError, match="holds no extra\\['ema'\\]"):
+            points.restore(extra={"ema": Counter()})
+        for bad in ({"optimizer": c}, {"a b": c}, {"x": object()}):
+            with pytest.raises(InvalidArgumentError):
+                points.save(2, extra=bad)
+        for bad_files in (
+            {"../x": b""},
+            {"/abs": b""},
+            {"savepoint.json": b"{}"},
+            {"model.safetensors": b""},
+        ):
+            with pytest.raises(InvalidArgumentError):
+                points.save(2, model=torch.nn.Linear(1, 1), files=bad_files)
+        assert [p.step for p in points.list()] == [1]

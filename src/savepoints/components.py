@@ -53,7 +53,9 @@ class FileRecorder:
         self.files[rel] = FileEntry(size, h.hexdigest())
 
     def write_json(self, rel: str, data: Any) -> None:
-        raw = json.dumps(data, indent=1, allow_nan=False).encode()
+        self.write_bytes(rel, json.dumps(data, indent=1, allow_nan=False).encode())
+
+    def write_bytes(self, rel: str, raw: bytes) -> None:
         path = self.path(rel)
         with open(path, "xb") as f:
             f.write(raw)

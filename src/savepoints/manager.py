@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import platform
+import re
 import socket
 import sys
 import time
@@ -41,7 +42,7 @@ from savepoints.errors import (
 from savepoints.integrity import Problem, VerifyReport, verify_files
 from savepoints.keep import Keep, Mode, PointInfo
 from savepoints.layout import MANIFEST_NAME, RunLayout, parse_step
-from savepoints.manifest import Manifest, read_manifest, write_manifest
+from savepoints.manifest import Manifest, is_safe_relpath, read_manifest, write_manifest
 from savepoints.serialize import check_json, encode_tree
 
 log = logging.getLogger("savepoints")
@@ -314,9 +315,16 @@ class SavePoints:
         state: Mapping[str, Any] | None = None,
         tags: Sequence[str] = (),
         rng: bool = True,
+        extra: Mapping[str, Any] | None = None,
+        files: Mapping[str, bytes | str] | None = None,
         overwrite: bool = False,
     ) -> SavePoint:
         """Write a save point for ``step`` and commit it atomically; then apply retention.
+
+        ``extra`` names further objects with ``state_dict()`` (a grad scaler, an EMA
+        model...), stored pickle-free like the optimizer and restored with
+        ``restore(extra=...)``. ``files`` places small extra files in the folder as
+        they are (e.g. ``trainer_state.json``); they are hashed and verified like the rest.
 
         Returns the committed :class:`SavePoint`. If anything fails, nothing committed
         before is touched and no partial save point becomes visible.
@@ -326,6 +334,8 @@ class SavePoints:
         clean_metrics = _check_metrics(metrics)
         clean_state = check_json(dict(state or {}), "state")
         clean_tags = _check_tags(tags)
+        extra = _check_extra(extra)
+        files = _check_files(files)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise InvalidArgumentError(
                 f"model must be a torch.nn.Module, not {type(model).__name__}.",
@@ -341,7 +351,7 @@ class SavePoints:
             rec = components.FileRecorder(staging)
             contents = self._write_components(
                 rec, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                scheduler=scheduler, rng=rng,
+                scheduler=scheduler, rng=rng, extra=extra, files=files,
             )  # fmt: skip
             manifest = Manifest(
                 step=step,
@@ -393,6 +403,8 @@ class SavePoints:
         optimizer: Any,
         scheduler: Any,
         rng: bool,
+        extra: Mapping[str, Any],
+        files: Mapping[str, bytes],
     ) -> dict[str, Any]:
         contents: dict[str, Any] = {}
         if model is not None:
@@ -407,6 +419,19 @@ class SavePoints:
             skeleton, tensors = encode_tree(components.capture_rng(), "rng state")
             contents["rng"] = components.write_tree(rec, "rng", skeleton, tensors)
             contents["rng"]["generators"] = sorted(skeleton)
+        if extra:
+            contents["extra"] = {
+                name: components.write_state(rec, name, obj) for name, obj in extra.items()
+            }
+        for rel, raw in files.items():
+            if rel in rec.files:
+                raise InvalidArgumentError(
+                    f"files={{{rel!r}: ...}} would replace a file savepoints itself writes.",
+                    "Pick another file name.",
+                )
+            rec.write_bytes(rel, raw)
+        if files:
+            contents["files"] = sorted(files)
         return contents
 
     def _commit(self, staging: Path, final: Path, replace_existing: bool) -> None:
@@ -448,6 +473,7 @@ class SavePoints:
         optimizer: Any = None,
         scheduler: Any = None,
         rng: bool = True,
+        extra: Mapping[str, Any] | None = None,
         verify: bool = True,
     ) -> dict[str, Any]:
         """Load a save point into live objects and return its user ``state``.
@@ -459,7 +485,10 @@ class SavePoints:
         point = self._resolve(savepoint)
         if verify:
             point.verify().raise_if_failed()
-        _restore_into(point, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng)
+        _restore_into(
+            point, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng,
+            extra=dict(extra or {}),
+        )  # fmt: skip
         self._parent = point.step
         return point.state
 
@@ -489,11 +518,19 @@ class SavePoints:
 
 
 def _restore_into(
-    point: SavePoint, *, model: Any, optimizer: Any, scheduler: Any, rng: bool
+    point: SavePoint,
+    *,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    rng: bool,
+    extra: Mapping[str, Any],
 ) -> None:
     contents = point.manifest.contents
+    saved_extra = contents.get("extra", {})
     wanted = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     absent = [k for k, v in wanted.items() if v is not None and k not in contents]
+    absent += [f"extra[{k!r}]" for k in extra if k not in saved_extra]
     if absent:
         raise InvalidArgumentError(
             f"Save point {point.path} holds no {' or '.join(absent)} state "
@@ -507,6 +544,8 @@ def _restore_into(
         components.restore_optimizer(optimizer, point.path, contents["optimizer"])
     if scheduler is not None:
         components.restore_object("scheduler", scheduler, point.path, contents["scheduler"])
+    for name, obj in extra.items():
+        components.restore_object(name, obj, point.path, saved_extra[name])
     if rng and "rng" in contents:
         components.restore_rng(components.read_tree(point.path, contents["rng"]), point.path)
 
@@ -567,6 +606,41 @@ def _check_tags(tags: Sequence[str]) -> tuple[str, ...]:
         if tag not in out:
             out.append(tag)
     return tuple(out)
+
+
+_RESERVED = {"model", "tokenizer", "optimizer", "scheduler", "rng"}
+
+
+def _check_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    out = dict(extra or {})
+    for name, obj in out.items():
+        if (
+            not isinstance(name, str)
+            or not re.fullmatch(r"[A-Za-z0-9_.-]+", name)
+            or (name in _RESERVED)
+        ):
+            raise InvalidArgumentError(
+                f"extra name {name!r} is not allowed.",
+                "Use letters, digits, '_', '-' or '.', and none of " + ", ".join(sorted(_RESERVED)),
+            )
+        if not callable(getattr(obj, "state_dict", None)):
+            raise InvalidArgumentError(
+                f"extra[{name!r}] is a {type(obj).__name__}, which has no state_dict().",
+                "Pass objects with state_dict()/load_state_dict(), or put plain values in state=.",
+            )
+    return out
+
+
+def _check_files(files: Mapping[str, bytes | str] | None) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for rel, data in (files or {}).items():
+        if not isinstance(rel, str) or not is_safe_relpath(rel) or rel == MANIFEST_NAME:
+            raise InvalidArgumentError(
+                f"files={{{rel!r}: ...}}: the name must be a relative path inside the save point.",
+                "Use a plain relative name such as 'trainer_state.json'.",
+            )
+        out[rel] = data.encode() if isinstance(data, str) else bytes(data)
+    return out
 
 
 def _versions() -> dict[str, str]:

@@ -181,7 +181,7 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
         raise bad("'files' is not an object")
     files: dict[str, FileEntry] = {}
     for rel, entry in files_raw.items():
-        if not _is_safe_relpath(rel):
+        if not is_safe_relpath(rel):
             raise bad(f"file name {rel!r} is absolute or leaves the folder")
         if (
             not isinstance(entry, dict)
@@ -212,7 +212,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _is_safe_relpath(rel: str) -> bool:
+def is_safe_relpath(rel: str) -> bool:
     if not rel or "\\" in rel or "\x00" in rel or rel.startswith("/"):
         return False
     parts = rel.split("/")
