@@ -41,7 +41,11 @@ def invoke(*args: str) -> tuple[int, str, str]:
 def test_list_shows_a_table_with_latest_and_best_marked(run):
     code, out, _ = invoke("list", run)
     assert code == 0
-    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.startswith("│")}
+    rows = {
+        line.split()[0]: line
+        for line in out.splitlines()
+        if line.split() and line.split()[0].isdigit()
+    }
     assert set(rows) == {"10", "20", "30"}
     assert "best" in rows["20"] and "milestone" in rows["20"] and "latest" in rows["30"]
     assert "eval_loss" in out

@@ -47,8 +47,8 @@ def pts(*specs):
         (Keep(last=1, metric="loss"), pts((1, 0.1), (2, 0.5), (3, 0.9)), {1, 3}),
         # points without the metric are never "best"
         (Keep(last=1, best=1, metric="loss"), pts((1, None), (2, 0.3), (3, None)), {2, 3}),
-        # ties go to the newer step
-        (Keep(last=1, best=1, metric="loss"), pts((1, 0.2), (2, 0.2), (3, 0.9)), {2, 3}),
+        # ties go to the earlier step (the first to reach the value)
+        (Keep(last=1, best=1, metric="loss"), pts((1, 0.2), (2, 0.2), (3, 0.9)), {1, 3}),
         # milestones
         (Keep(every=10), pts(5, 10, 15, 20, 25), {10, 20, 25}),
         (Keep(last=1, every=100), pts(50, 100, 150, 199), {100, 199}),
@@ -81,9 +81,9 @@ def test_newest_and_best_survive_any_policy():
         assert 4 in kept and 1 in kept
 
 
-def test_rank_best_orders_by_metric_then_newer_step():
+def test_rank_best_orders_by_metric_then_earlier_step():
     ranked = rank_best(pts((1, 0.2), (2, 0.1), (3, 0.2), (4, None)), "loss", "min")
-    assert [p.step for p in ranked] == [2, 3, 1]
+    assert [p.step for p in ranked] == [2, 1, 3]
 
 
 @pytest.mark.parametrize(

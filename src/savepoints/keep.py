@@ -92,10 +92,11 @@ def default_mode(metric: str) -> Mode:
 
 
 def rank_best(points: Iterable[PointInfo], metric: str, mode: Mode) -> list[PointInfo]:
-    """Points that recorded ``metric``, best first; ties go to the newer step."""
+    """Points that recorded ``metric``, best first; a tie goes to the earlier step, the
+    first to reach that value (as Transformers' Trainer picks its best checkpoint)."""
     scored = [p for p in points if metric in p.metrics]
     sign = 1.0 if mode == "min" else -1.0
-    return sorted(scored, key=lambda p: (sign * p.metrics[metric], -p.step))
+    return sorted(scored, key=lambda p: (sign * p.metrics[metric], p.step))
 
 
 def select(points: Sequence[PointInfo], keep: Keep) -> set[int]:

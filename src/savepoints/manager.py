@@ -148,6 +148,8 @@ class SavePoints:
             )
         self.path = Path(path)
         self.keep = keep or Keep()
+        # Integrations fill in a Keep from their own settings only when none was given.
+        self._keep_given = keep is not None
         self.readonly = readonly
         self.max_shard_size = max_shard_size
         self._layout = RunLayout(self.path)

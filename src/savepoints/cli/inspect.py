@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
@@ -20,7 +21,8 @@ from savepoints.integrity import VerifyReport
 from savepoints.layout import MANIFEST_NAME, parse_step
 from savepoints.manager import SavePoint, SavePoints, verify
 
-console = Console(highlight=False)
+# Piped output is not cut to 80 columns: tables stay whole in logs and files.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def human_bytes(n: float) -> str:
@@ -31,8 +33,8 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _when(dt: datetime) -> str:
-    return dt.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+def _when(dt: datetime, short: bool = False) -> str:
+    return dt.astimezone().strftime("%m-%d %H:%M" if short else "%Y-%m-%d %H:%M:%S")
 
 
 def _fmt_metric(v: float) -> str:
@@ -87,28 +89,46 @@ def list_cmd(run: Path, metric: str | None, as_json: bool) -> None:
     metric_names: list[str] = []
     for p in listed:
         metric_names.extend(m for m in p.metrics if m not in metric_names)
-    table = Table(title=f"{run}  ({len(listed)} save points)", title_justify="left")
-    table.add_column("step", justify="right", style="bold")
-    table.add_column("created", no_wrap=True)
-    for m in metric_names:
-        table.add_column(m, justify="right")
-    table.add_column("size", justify="right")
-    table.add_column("tags")
-    table.add_column("")
+    columns: list[tuple[str, str]] = [("step", "right"), ("created", "left")]
+    columns += [(m, "right") for m in metric_names]
+    columns += [("size", "right"), ("tags", "left"), ("", "left")]
+    rows = []
     for p in listed:
-        marks = []
-        if p.step == latest:
-            marks.append("[cyan]latest[/]")
-        if p.step == best:
-            marks.append("[green]★ best[/]")
-        table.add_row(
-            str(p.step),
-            _when(p.created),
-            *[_fmt_metric(p.metrics[m]) if m in p.metrics else "" for m in metric_names],
-            human_bytes(p.size),
-            ", ".join(p.tags),
-            " ".join(marks),
+        marks = " ".join(
+            mark for mark, on in (("latest", p.step == latest), ("★ best", p.step == best)) if on
         )
+        rows.append(
+            [
+                str(p.step),
+                _when(p.created, short=True),
+                *[_fmt_metric(p.metrics[m]) if m in p.metrics else "" for m in metric_names],
+                human_bytes(p.size),
+                ", ".join(p.tags),
+                marks,
+            ]
+        )
+    # Columns that say nothing are left out, and "created" goes first when the table
+    # would not fit: cut-off metric names and values would be worse.
+    keep = [
+        i for i, (name, _) in enumerate(columns) if name in ("step", "") or any(r[i] for r in rows)
+    ]
+    widths = {i: max(len(columns[i][0]), *(len(r[i]) for r in rows)) + 3 for i in keep}
+    if sum(widths.values()) > console.width and 1 in keep:
+        keep.remove(1)
+    table = Table(
+        title=f"{run}  ({len(listed)} save points)", title_justify="left", box=box.SIMPLE_HEAD
+    )
+    for i in keep:
+        name, justify = columns[i]
+        table.add_column(name, justify=justify, no_wrap=True, style="bold" if i == 0 else None)  # type: ignore[arg-type]
+    for r in rows:
+        styled = [
+            r[i].replace("latest", "[cyan]latest[/]").replace("★ best", "[green]★ best[/]")
+            if i == len(columns) - 1
+            else r[i]
+            for i in keep
+        ]
+        table.add_row(*styled)
     console.print(table)
 
 

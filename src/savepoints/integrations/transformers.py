@@ -1,0 +1,313 @@
+"""Hugging Face ``Trainer`` integration: save points instead of ``checkpoint-N`` folders.
+
+    from savepoints import SavePoints
+    from savepoints.transformers import SavePointsCallback, resume_path
+
+    points = SavePoints("runs/tweets")
+    trainer = Trainer(model=model, args=args, ..., callbacks=[SavePointsCallback(points)])
+    trainer.train(resume_from_checkpoint=resume_path(points))   # None on a fresh run
+
+How it works: the callback attaches itself to its Trainer (found when the Trainer
+finishes ``__init__``; or call ``callback.attach(trainer)``) and takes over the four
+methods through which the Trainer writes and reads checkpoints, on that instance only:
+
+* ``_save_checkpoint`` writes a save point (model, processing class, optimizer,
+  scheduler, grad scaler, RNG, ``trainer_state.json``, eval metrics) whenever the Trainer
+  would have written ``checkpoint-N`` (``save_strategy`` steps/epoch/best,
+  ``save_steps``), and no ``checkpoint-N`` at all: no double writes, no pickles.
+* ``_load_from_checkpoint``, ``_load_optimizer_and_scheduler``, ``_load_rng_state`` and
+  ``_load_scaler`` read a save point pickle-free (after verifying it) when
+  ``resume_from_checkpoint`` is one, at exactly the moments the Trainer would have read
+  its own files, which is what makes the resume bit-exact. Any other folder goes to the
+  Trainer's own code.
+
+Everything else (``trainer_state.json``, skipping the data already seen,
+``load_best_model_at_end``) is the Trainer's own logic, fed with our folders.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import types
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from savepoints import components
+from savepoints.errors import InvalidArgumentError
+from savepoints.keep import Keep
+from savepoints.layout import MANIFEST_NAME
+from savepoints.manager import SavePoint, SavePoints
+
+log = logging.getLogger("savepoints")
+
+TRAINER_STATE_NAME = "trainer_state.json"
+# Eval outputs that describe speed, not quality: never recorded as metrics.
+_NOT_METRICS = ("_runtime", "_per_second", "epoch")
+
+
+def resume_path(points: SavePoints) -> str | None:
+    """The folder to pass as ``Trainer.train(resume_from_checkpoint=...)``: the latest
+    save point, or None when the run has none yet (a fresh start)."""
+    latest = points.latest()
+    return str(latest.path) if latest is not None else None
+
+
+def keep_from_args(args: Any) -> Keep:
+    """The retention that ``TrainingArguments`` asks of Trainer's own checkpoints."""
+    metric = args.metric_for_best_model
+    if metric is None and getattr(args, "load_best_model_at_end", False):
+        metric = "loss"
+    if metric is not None and not metric.startswith("eval_"):
+        metric = f"eval_{metric}"
+    greater = getattr(args, "greater_is_better", None)
+    if greater is None and metric is not None:
+        greater = not metric.endswith("loss")
+    return Keep(
+        last=args.save_total_limit or None,
+        metric=metric,
+        mode=("max" if greater else "min") if metric else None,
+    )
+
+
+def is_savepoint(folder: str | Path | None) -> bool:
+    return folder is not None and (Path(folder) / MANIFEST_NAME).is_file()
+
+
+class SavePointsCallback(TrainerCallback):
+    """Makes a ``transformers.Trainer`` save and resume through savepoints.
+
+    ``points``: the run to write into. When it was opened without a ``Keep``, retention
+    follows ``save_total_limit``, ``metric_for_best_model`` and ``greater_is_better``.
+    """
+
+    def __init__(self, points: SavePoints) -> None:
+        if not isinstance(points, SavePoints):
+            raise InvalidArgumentError(
+                f"SavePointsCallback needs a SavePoints, not {type(points).__name__}.",
+                "Pass SavePointsCallback(SavePoints('runs/my-run')).",
+            )
+        self.points = points
+        self.trainer: Any = None
+        self._last_eval: tuple[int, dict[str, float]] | None = None
+        self._last_log: tuple[int, dict[str, float]] | None = None
+        self._verified: set[Path] = set()
+
+    # ------------------------------------------------------------------ attaching
+
+    def attach(self, trainer: Any) -> Any:
+        """Route ``trainer``'s checkpoint writes and reads through savepoints. Idempotent;
+        called by itself when the callback was passed to ``Trainer(callbacks=[...])``."""
+        if self.trainer is trainer:
+            return trainer
+        if self.trainer is not None:
+            raise InvalidArgumentError(
+                "This SavePointsCallback is already attached to another Trainer.",
+                "Create one SavePointsCallback per Trainer.",
+            )
+        self.trainer = trainer
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        self._originals = {
+            name: getattr(trainer, name)
+            for name in (
+                "_save_checkpoint",
+                "_load_from_checkpoint",
+                "_load_optimizer_and_scheduler",
+                "_load_rng_state",
+                "_load_scaler",
+            )
+        }
+        trainer._save_checkpoint = types.MethodType(_save_checkpoint, self)
+        for name in ("_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_rng_state",
+                     "_load_scaler"):  # fmt: skip
+            setattr(trainer, name, types.MethodType(_LOADERS[name], self))
+        if not getattr(self.points, "_keep_given", True):
+            self.points.keep = keep_from_args(trainer.args)
+        return trainer
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = _calling_trainer()
+        if trainer is not None:
+            self.attach(trainer)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer is None:
+            trainer = _calling_trainer()
+            if trainer is None:
+                raise InvalidArgumentError(
+                    "SavePointsCallback could not find the Trainer it belongs to.",
+                    "Call callback.attach(trainer) before trainer.train().",
+                )
+            if state.global_step > 0:
+                raise InvalidArgumentError(
+                    "SavePointsCallback was attached after the Trainer had resumed, too late "
+                    "to restore the optimizer, scheduler and RNG.",
+                    "Pass it in Trainer(callbacks=[...]) or call callback.attach(trainer) "
+                    "before trainer.train().",
+                )
+            self.attach(trainer)
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any
+    ) -> None:
+        if metrics:
+            self._last_eval = (state.global_step, _numeric(metrics))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        if logs and "loss" in logs:
+            self._last_log = (state.global_step, _numeric(logs))
+
+    # ------------------------------------------------------------------ helpers
+
+    def metrics_at(self, step: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self._last_log and self._last_log[0] == step and "loss" in self._last_log[1]:
+            metrics["loss"] = self._last_log[1]["loss"]
+        if self._last_eval and self._last_eval[0] == step:
+            metrics.update(
+                {k: v for k, v in self._last_eval[1].items() if not k.endswith(_NOT_METRICS)}
+            )
+        return metrics
+
+    def _savepoint(self, folder: str) -> SavePoint:
+        """Open a save point to resume from, verifying it once per process."""
+        point = SavePoint.open(folder)
+        if point.path not in self._verified:
+            point.verify().raise_if_failed()
+            self._verified.add(point.path)
+        return point
+
+
+def _numeric(values: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in values.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+def _calling_trainer() -> Any:
+    """The Trainer whose method is running up the stack (the callback is not given it)."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if (
+                candidate is not None
+                and hasattr(candidate, "callback_handler")
+                and hasattr(candidate, "_save_checkpoint")
+            ):
+                return candidate
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+# ---------------------------------------------------------------------- the methods
+
+
+def _save_checkpoint(cb: SavePointsCallback, model: Any, trial: Any) -> None:
+    """Replaces ``Trainer._save_checkpoint``: one save point, no ``checkpoint-N``."""
+    trainer = cb.trainer
+    args, state = trainer.args, trainer.state
+    if trainer.hp_search_backend is None and trial is None:
+        trainer.store_flos()
+    step = state.global_step
+    if state.best_global_step:
+        best = cb.points._layout.point_dir(state.best_global_step)
+        if state.best_global_step == step or best.is_dir():
+            state.best_model_checkpoint = str(best)
+    # As Trainer does: stateful callbacks (early stopping...) record their state in it.
+    from transformers.trainer_callback import ExportableState
+
+    for cb_obj in [*trainer.callback_handler.callbacks, trainer.control]:
+        if isinstance(cb_obj, ExportableState):
+            name = cb_obj.__class__.__name__
+            if isinstance(state.stateful_callbacks.get(name), list):
+                state.stateful_callbacks[name].append(cb_obj.state())
+            else:
+                state.stateful_callbacks[name] = cb_obj.state()
+    trainer_state = json.dumps(asdict(state), indent=2, sort_keys=True) + "\n"
+    full = not args.save_only_model
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    if not args.should_save:
+        return  # another process of a distributed run writes the save point
+    cb.points.save(
+        step,
+        model=trainer.model,
+        tokenizer=trainer.processing_class,
+        optimizer=trainer.optimizer if full else None,
+        scheduler=trainer.lr_scheduler if full else None,
+        rng=full,
+        extra={"scaler": scaler} if full and scaler is not None else None,
+        metrics=cb.metrics_at(step),
+        state={"global_step": step, "epoch": state.epoch},
+        files={TRAINER_STATE_NAME: trainer_state},
+        overwrite=True,
+    )
+
+
+def _load_from_checkpoint(
+    cb: SavePointsCallback, resume_from_checkpoint: str, model: Any = None
+) -> None:
+    if not is_savepoint(resume_from_checkpoint):
+        return cb._originals["_load_from_checkpoint"](resume_from_checkpoint, model)
+    point = cb._savepoint(resume_from_checkpoint)
+    target = model if model is not None else cb.trainer.model
+    components.restore_model(target, point.path, point.manifest.contents["model"])
+    return None
+
+
+def _load_optimizer_and_scheduler(cb: SavePointsCallback, checkpoint: str | None) -> None:
+    if not is_savepoint(checkpoint):
+        return cb._originals["_load_optimizer_and_scheduler"](checkpoint)
+    assert checkpoint is not None
+    point = cb._savepoint(checkpoint)
+    contents = point.manifest.contents
+    trainer = cb.trainer
+    if "optimizer" in contents:
+        components.restore_optimizer(trainer.optimizer, point.path, contents["optimizer"])
+    if "scheduler" in contents:
+        components.restore_object(
+            "scheduler", trainer.lr_scheduler, point.path, contents["scheduler"]
+        )
+    return None
+
+
+def _load_rng_state(cb: SavePointsCallback, checkpoint: str | None) -> None:
+    if not is_savepoint(checkpoint):
+        return cb._originals["_load_rng_state"](checkpoint)
+    assert checkpoint is not None
+    point = cb._savepoint(checkpoint)
+    info = point.manifest.contents.get("rng")
+    if info is not None:
+        components.restore_rng(components.read_tree(point.path, info), point.path)
+    return None
+
+
+def _load_scaler(cb: SavePointsCallback, checkpoint: str | None) -> None:
+    if not is_savepoint(checkpoint):
+        return cb._originals["_load_scaler"](checkpoint)
+    assert checkpoint is not None
+    point = cb._savepoint(checkpoint)
+    info = point.manifest.contents.get("extra", {}).get("scaler")
+    scaler = getattr(cb.trainer.accelerator, "scaler", None)
+    if info is not None and scaler is not None:
+        components.restore_object("scaler", scaler, point.path, info)
+    return None
+
+
+_LOADERS: dict[str, Callable[..., Any]] = {
+    "_load_from_checkpoint": _load_from_checkpoint,
+    "_load_optimizer_and_scheduler": _load_optimizer_and_scheduler,
+    "_load_rng_state": _load_rng_state,
+    "_load_scaler": _load_scaler,
+}
