@@ -110,3 +110,98 @@ def test_keep_from_args_maps_trainer_options():
     assert keep_from_args(args) == Keep()
     args = TrainingArguments(output_dir="x", metric_for_best_model="eval_loss", report_to=[])
     assert keep_from_args(args) == Keep(metric="eval_loss", mode="min")
+
+
+def sp_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "savepoints", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_export_hf_trainer_lets_plain_trainer_resume_exactly(tokenizer_dir, tmp_path, straight):
+    """People leaving savepoints: export, then plain Trainer (no callback) resumes."""
+    base, expected = straight
+    train(tokenizer_dir, tmp_path / "run", tmp_path / "first.safetensors", "--stop-at", "12")
+    out = sp_cli(
+        "export",
+        tmp_path / "run",
+        tmp_path / "checkpoint-12",
+        "--step",
+        "12",
+        "--format",
+        "hf-trainer",
+    )
+    assert out.returncode == 0, out.stderr
+    names = {p.name for p in (tmp_path / "checkpoint-12").iterdir()}
+    assert {
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        "model.safetensors",
+        "config.json",
+    } <= names
+    assert "savepoint.json" not in names and "training_state" not in names
+    result, _log = train(
+        tokenizer_dir,
+        tmp_path / "plain",
+        tmp_path / "final.safetensors",
+        "--plain",
+        "--resume-from",
+        str(tmp_path / "checkpoint-12"),
+    )
+    assert result["losses"] == expected["losses"]
+    assert same_file_tensors(tmp_path / "final.safetensors", base / "final.safetensors")
+
+
+def test_imported_hf_checkpoints_resume_exactly_without_unpickling(
+    tokenizer_dir, tmp_path, straight
+):
+    base, expected = straight
+    hf_out = tmp_path / "hf"
+    train(tokenizer_dir, hf_out, tmp_path / "first.safetensors", "--plain", "--stop-at", "12")
+    assert sorted(p.name for p in hf_out.glob("checkpoint-*")) == [
+        "checkpoint-12",
+        "checkpoint-4",
+        "checkpoint-8",
+    ]
+    (hf_out / "checkpoint-12" / "training_args.bin").write_bytes(b"not a pickle: never read")
+    out = sp_cli("import", hf_out, tmp_path / "run")
+    assert out.returncode == 0, out.stderr
+    assert "never read: training_args.bin" in " ".join(out.stdout.split())
+    with SavePoints(tmp_path / "run", readonly=True) as points:
+        assert [p.step for p in points.list()] == [4, 8, 12]
+        sp = points.get(12)
+        assert {"model", "optimizer", "scheduler", "rng"} <= set(sp.contents)
+        assert {"eval_loss", "eval_accuracy", "loss"} <= set(sp.metrics)
+        assert points.verify().ok
+    assert not [f for f in (tmp_path / "run").rglob("*") if f.suffix in (".pt", ".pth", ".bin")]
+    result, _ = train(tokenizer_dir, tmp_path / "run", tmp_path / "final.safetensors")
+    assert result["losses"] == expected["losses"]
+    assert same_file_tensors(tmp_path / "final.safetensors", base / "final.safetensors")
+
+
+def test_export_hf_is_a_deployable_bundle(tmp_path, straight):
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    base, _ = straight
+    out = sp_cli("export", base / "run", tmp_path / "bundle")
+    assert out.returncode == 0, out.stderr
+    names = {p.name for p in (tmp_path / "bundle").iterdir()}
+    assert "training_state" not in names and "savepoint.json" not in names
+    assert "trainer_state.json" not in names and "README.md" in names
+    card = (tmp_path / "bundle" / "README.md").read_text()
+    with SavePoints(base / "run", readonly=True) as points:
+        best = points.best()
+    assert f"step {best.step}" in card and "eval_accuracy" in card and "## Lineage" in card
+    classify = pipeline("text-classification", model=str(tmp_path / "bundle"))
+    assert classify("what a day")[0]["label"]
+    half = sp_cli("export", base / "run", tmp_path / "half", "--dtype", "bf16", "--latest")
+    assert half.returncode == 0, half.stderr
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "half")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    again = sp_cli("export", base / "run", tmp_path / "half")
+    assert again.returncode == 1 and "not empty" in again.stderr

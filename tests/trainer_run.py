@@ -81,6 +81,12 @@ def main() -> None:
     ap.add_argument("--stop-at", type=int)
     ap.add_argument("--load-best", action="store_true")
     ap.add_argument("--save-total-limit", type=int)
+    ap.add_argument(
+        "--plain",
+        action="store_true",
+        help="plain Trainer: no savepoints, checkpoint-N folders in --run",
+    )
+    ap.add_argument("--resume-from", help="resume from this folder instead of the run's latest")
     args = ap.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -99,7 +105,7 @@ def main() -> None:
         )
     )
     training_args = TrainingArguments(
-        output_dir=str(Path(args.run).parent / "hf-output"),
+        output_dir=args.run if args.plain else str(Path(args.run).parent / "hf-output"),
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,
         num_train_epochs=3,
@@ -119,8 +125,8 @@ def main() -> None:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    points = SavePoints(args.run)
-    callbacks = [SavePointsCallback(points)]
+    points = None if args.plain else SavePoints(args.run)
+    callbacks: list = [] if points is None else [SavePointsCallback(points)]
     if args.stop_at:
         callbacks.append(StopAt(args.stop_at))
     trainer = Trainer(
@@ -132,7 +138,7 @@ def main() -> None:
         compute_metrics=accuracy,
         callbacks=callbacks,
     )
-    resume = resume_path(points)
+    resume = args.resume_from or (resume_path(points) if points else None)
     if resume:
         print(f"# resuming from {resume}", file=sys.stderr)
     trainer.train(resume_from_checkpoint=resume)
@@ -144,7 +150,8 @@ def main() -> None:
     )
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
     print(json.dumps({"losses": losses, "best": trainer.state.best_model_checkpoint}))
-    points.close()
+    if points is not None:
+        points.close()
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -64,6 +65,16 @@ class FileRecorder:
         h = StreamHasher()
         h.update(raw)
         self.files[rel] = FileEntry(len(raw), h.hexdigest())
+
+    def copy_file(self, rel: str, source: Path) -> None:
+        """Copy a file in (streamed, not read whole into memory), fsync and hash it."""
+        path = self.path(rel)
+        with open(source, "rb") as src, open(path, "xb") as dst:
+            shutil.copyfileobj(src, dst, 16 * 1024 * 1024)
+            dst.flush()
+            os.fsync(dst.fileno())
+        size, digest = hash_file(path)
+        self.files[rel] = FileEntry(size, digest)
 
     def adopt_new_files(self) -> list[str]:
         """Record (hash and fsync) files that third-party code wrote into the folder."""
@@ -133,16 +144,7 @@ def alias_groups(state: Mapping[str, torch.Tensor]) -> list[list[str]]:
 
 def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors to write (each stored once) and ``{dropped name: kept name}``."""
-    state = model.state_dict()
-    prefer_dropped = _tied_names(model)
-    dropped: dict[str, str] = {}
-    for group in alias_groups(state):
-        keepers = [n for n in group if n not in prefer_dropped] or group
-        kept = keepers[0]
-        for name in group:
-            if name != kept:
-                dropped[name] = kept
-    return {k: v for k, v in state.items() if k not in dropped}, dropped
+    return dedupe_aliases(model.state_dict(), _tied_names(model))
 
 
 def write_model(
@@ -157,30 +159,49 @@ def write_model(
         _write_transformers_config(rec, model)
     else:
         info["kind"] = "torch"
-    shards = _plan_shards(tensors, max_shard_bytes)
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        rec.write_tensors(WEIGHTS_NAME, _on_cpu(shards[0]), metadata)
-        info["files"] = [WEIGHTS_NAME]
-    else:
-        weight_map: dict[str, str] = {}
-        names = []
-        for i, shard in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            rec.write_tensors(fname, _on_cpu(shard), metadata)
-            weight_map.update({k: fname for k in shard})
-            names.append(fname)
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        rec.write_json(
-            WEIGHTS_INDEX_NAME,
-            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-        )
-        info["files"] = [WEIGHTS_INDEX_NAME, *names]
+    info["files"] = write_weights(rec, tensors, max_shard_bytes)
     info["tensors"] = len(tensors)
     info["bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
     if tied:
         info["tied"] = dict(sorted(tied.items()))
     return info
+
+
+def write_weights(
+    rec: FileRecorder, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int
+) -> list[str]:
+    """``model.safetensors``, or shards plus the standard index when over the shard size."""
+    shards = _plan_shards(tensors, max_shard_bytes)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        rec.write_tensors(WEIGHTS_NAME, _on_cpu(shards[0]), metadata)
+        return [WEIGHTS_NAME]
+    weight_map: dict[str, str] = {}
+    names = []
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        rec.write_tensors(fname, _on_cpu(shard), metadata)
+        weight_map.update({k: fname for k in shard})
+        names.append(fname)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    rec.write_json(
+        WEIGHTS_INDEX_NAME,
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+    )
+    return [WEIGHTS_INDEX_NAME, *names]
+
+
+def dedupe_aliases(
+    state: Mapping[str, torch.Tensor], prefer_dropped: Set[str] = frozenset()
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each tensor once: ``({name: tensor}, {dropped alias: kept name})``."""
+    dropped: dict[str, str] = {}
+    for group in alias_groups(state):
+        keepers = [n for n in group if n not in prefer_dropped] or group
+        for name in group:
+            if name != keepers[0]:
+                dropped[name] = keepers[0]
+    return {k: v for k, v in state.items() if k not in dropped}, dropped
 
 
 def _on_cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -344,6 +344,29 @@ class SavePoints:
                 "Pass the model object itself (e.g. trainer.model).",
             )
 
+        def write(rec: components.FileRecorder) -> dict[str, Any]:
+            return self._write_components(
+                rec, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                scheduler=scheduler, rng=rng, extra=extra, files=files,
+            )  # fmt: skip
+
+        return self._save_with(
+            step, write, metrics=clean_metrics, state=clean_state, tags=clean_tags,
+            overwrite=overwrite,
+        )  # fmt: skip
+
+    def _save_with(
+        self,
+        step: int,
+        write: Callable[[components.FileRecorder], dict[str, Any]],
+        *,
+        metrics: dict[str, float],
+        state: dict[str, Any],
+        tags: tuple[str, ...],
+        overwrite: bool,
+    ) -> SavePoint:
+        """The commit protocol around ``write``, which fills the staging folder and returns
+        the manifest's ``contents``. Arguments are already checked."""
         started = time.perf_counter()
         final = self._layout.point_dir(step)
         existing = self._existing(final, step, overwrite)
@@ -351,17 +374,14 @@ class SavePoints:
         try:
             staging.mkdir(parents=True)
             rec = components.FileRecorder(staging)
-            contents = self._write_components(
-                rec, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                scheduler=scheduler, rng=rng, extra=extra, files=files,
-            )  # fmt: skip
+            contents = write(rec)
             manifest = Manifest(
                 step=step,
                 created=datetime.now(timezone.utc),
                 files=dict(rec.files),
-                metrics=clean_metrics,
-                tags=clean_tags,
-                state=clean_state,
+                metrics=metrics,
+                tags=tags,
+                state=state,
                 parent=self._parent,
                 contents=contents,
                 versions=_versions(),

@@ -82,6 +82,7 @@ def main() -> None:
 from savepoints.cli import demo as _demo  # noqa: E402  (registers the commands)
 from savepoints.cli import inspect as _inspect  # noqa: E402
 from savepoints.cli import train as _train  # noqa: E402
+from savepoints.cli import transfer as _transfer  # noqa: E402
 
 __all__ = ["cli", "main"]
-_ = (_demo, _inspect, _train)
+_ = (_demo, _inspect, _train, _transfer)

@@ -1,0 +1,200 @@
+"""Export a save point: a deployment bundle, or a folder plain Trainer resumes from.
+
+``format="hf"``: weights (optionally cast to fp16/bf16), config with label names,
+tokenizer, and a README model card with metrics and lineage; no training state.
+``transformers.pipeline(..., model=OUT)`` loads it.
+
+``format="hf-trainer"``: a ``checkpoint-N`` style folder that plain
+``Trainer.train(resume_from_checkpoint=OUT)`` accepts, for people leaving savepoints. It
+holds Trainer's own ``torch.save`` files (optimizer.pt, scheduler.pt, rng_state.pth),
+because that is what Trainer reads; savepoints writes them but never reads them.
+
+The output appears atomically: it is written beside ``OUT`` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from savepoints import atomic, components
+from savepoints.errors import InvalidArgumentError
+from savepoints.layout import MANIFEST_NAME, TRAINING_STATE_DIR
+from savepoints.manager import SavePoint, __version__
+
+Format = Literal["hf", "hf-trainer"]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_TRAINING_ONLY = {MANIFEST_NAME, "trainer_state.json"}
+
+
+def export(
+    point: SavePoint,
+    out: str | os.PathLike[str],
+    *,
+    fmt: Format = "hf",
+    dtype: str | None = None,
+    verify: bool = True,
+) -> Path:
+    """Write ``point`` to the new folder ``out``; returns its path."""
+    out = Path(out)
+    if fmt not in ("hf", "hf-trainer"):
+        raise InvalidArgumentError(f"Unknown export format {fmt!r}.", "Use 'hf' or 'hf-trainer'.")
+    if dtype is not None and dtype not in DTYPES:
+        raise InvalidArgumentError(
+            f"Unknown dtype {dtype!r}.", f"Use one of {', '.join(DTYPES)} (or none to keep it)."
+        )
+    if dtype is not None and fmt == "hf-trainer":
+        raise InvalidArgumentError(
+            "--dtype cannot be used with --format hf-trainer: training resumes in the "
+            "precision it was saved in.",
+            "Leave --dtype out, or export --format hf.",
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidArgumentError(
+            f"Export target {out} already exists and is not empty; nothing was written.",
+            "Pick a new folder, or remove the old one first.",
+        )
+    if "model" not in point.contents:
+        raise InvalidArgumentError(
+            f"Save point {point.path} holds no model to export.",
+            "Export a save point saved with model=...",
+        )
+    if verify:
+        point.verify().raise_if_failed()
+    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir(parents=True)
+    try:
+        rec = components.FileRecorder(tmp)
+        _copy_model_folder(point, rec, dtype, keep_trainer_state=fmt == "hf-trainer")
+        if fmt == "hf":
+            rec.write_bytes("README.md", model_card(point, dtype).encode())
+        else:
+            _write_trainer_state_files(point, tmp)
+        atomic.fsync_tree(tmp)
+        if out.exists():
+            out.rmdir()
+        atomic.commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _copy_model_folder(
+    point: SavePoint, rec: components.FileRecorder, dtype: str | None, keep_trainer_state: bool
+) -> None:
+    model_info = point.contents["model"]
+    weight_files = set(model_info.get("files", []))
+    for rel in sorted(point.manifest.files):
+        if rel.startswith(f"{TRAINING_STATE_DIR}/") or rel in weight_files:
+            continue
+        if rel in _TRAINING_ONLY and not (keep_trainer_state and rel == "trainer_state.json"):
+            continue
+        if rel == "config.json" and dtype is not None:
+            config = json.loads((point.path / rel).read_bytes())
+            config["dtype"] = config["torch_dtype"] = str(DTYPES[dtype]).removeprefix("torch.")
+            rec.write_bytes(rel, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        else:
+            rec.copy_file(rel, point.path / rel)
+    if dtype is None:
+        for rel in sorted(weight_files):
+            rec.copy_file(rel, point.path / rel)
+        return
+    tensors = components.read_model_tensors(point.path, model_info)
+    target = DTYPES[dtype]
+    cast = {k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()}
+    components.write_weights(rec, cast, components.DEFAULT_MAX_SHARD_BYTES)
+
+
+def _write_trainer_state_files(point: SavePoint, out: Path) -> None:
+    contents = point.contents
+    if not (point.path / "trainer_state.json").is_file():
+        state: dict[str, Any] = {
+            "global_step": point.step,
+            "epoch": point.state.get("epoch"),
+            "log_history": [],
+            "best_metric": None,
+            "best_model_checkpoint": None,
+        }
+        (out / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+    for key, fname in (("optimizer", "optimizer.pt"), ("scheduler", "scheduler.pt")):
+        if key in contents:
+            torch.save(components.read_tree(point.path, contents[key]), out / fname)
+    if "rng" in contents:
+        ours = components.read_tree(point.path, contents["rng"])
+        hf: dict[str, Any] = {k: ours[k] for k in ("python", "numpy") if k in ours}
+        if "torch" in ours:
+            hf["cpu"] = ours["torch"]
+        if "cuda" in ours:
+            hf["cuda"] = ours["cuda"][0] if len(ours["cuda"]) == 1 else ours["cuda"]
+        torch.save(hf, out / "rng_state.pth")
+    scaler = contents.get("extra", {}).get("scaler")
+    if scaler is not None:
+        torch.save(components.read_tree(point.path, scaler), out / "scaler.pt")
+    for name in os.listdir(out):
+        with open(out / name, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def model_card(point: SavePoint, dtype: str | None) -> str:
+    """README.md for the export: what it is, how well it did, where it came from."""
+    config = _read_json(point.path / "config.json") or {}
+    arch = (config.get("architectures") or [point.contents["model"].get("class", "model")])[0]
+    labels: Mapping[str, str] = config.get("id2label") or {}
+    is_classifier = arch.endswith("ForSequenceClassification")
+    run = point.path.parent
+    lines = ["---", "library_name: transformers"]
+    if is_classifier:
+        lines.append("pipeline_tag: text-classification")
+    lines += ["tags:", "- savepoints", "---", "",
+              f"# {run.name} — step {point.step}", "",
+              f"A `{arch}` exported by savepoints {__version__} from the save point at step "
+              f"{point.step} of the run `{run}`.", ""]  # fmt: skip
+    if point.metrics:
+        lines += ["## Metrics", "", "| metric | value |", "|---|---:|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in point.metrics.items()]
+        lines.append("")
+    if labels and is_classifier:
+        lines += ["## Labels", "", "| id | label |", "|---:|---|"]
+        lines += [
+            f"| {i} | {name} |" for i, name in sorted(labels.items(), key=lambda x: int(x[0]))
+        ]
+        lines.append("")
+    weights = {
+        rel: e.hash for rel, e in point.manifest.files.items()
+        if rel in point.contents["model"].get("files", [])
+    }  # fmt: skip
+    lines += ["## Lineage", "",
+              f"- run: `{run}`", f"- step: {point.step}",
+              f"- parent save point: {point.parent if point.parent is not None else '—'}",
+              f"- saved: {point.created.isoformat(timespec='seconds')}",
+              f"- weights dtype: {dtype or config.get('dtype', config.get('torch_dtype'))}",
+              ]  # fmt: skip
+    lines += [f"- source `{rel}` blake3: `{h}`" for rel, h in sorted(weights.items())]
+    for k, v in sorted(point.manifest.versions.items()):
+        lines.append(f"- {k} {v}")
+    lines += ["", "## Use", "", "```python"]
+    if is_classifier:
+        lines += ["from transformers import pipeline", "",
+                  'classify = pipeline("text-classification", model="PATH/TO/THIS/FOLDER")',
+                  'classify("I love this!")']  # fmt: skip
+    else:
+        lines += ["from transformers import AutoModel", "",
+                  'model = AutoModel.from_pretrained("PATH/TO/THIS/FOLDER")']  # fmt: skip
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

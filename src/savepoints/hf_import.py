@@ -1,0 +1,196 @@
+"""Adopt Hugging Face Trainer ``checkpoint-N`` folders (and ``save_pretrained`` folders).
+
+Model files, config, tokenizer and ``trainer_state.json`` are copied; optimizer,
+scheduler, grad scaler and RNG states are converted from HF's ``torch.save`` files to the
+pickle-free format. Those files are read only with ``torch.load(weights_only=True)``,
+which refuses to construct arbitrary objects; ``training_args.bin`` (a pickled
+``TrainingArguments``, which weights-only loading cannot read) is never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from savepoints import components
+from savepoints.errors import InvalidArgumentError
+from savepoints.manager import SavePoint, SavePoints, _check_metrics
+from savepoints.serialize import encode_tree
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+NEVER_READ = {"training_args.bin"}
+# HF's torch.save files and what they become here.
+_STATE_FILES = {"optimizer.pt": "optimizer", "scheduler.pt": "scheduler"}
+_WEIGHT_BINS = re.compile(r"^pytorch_model(-\d{5}-of-\d{5})?\.bin$")
+_SKIP = re.compile(r"^(rng_state(_\d+)?\.pth|scaler\.pt|pytorch_model\.bin\.index\.json)$")
+
+
+def find_checkpoints(source: Path) -> list[tuple[int, Path]]:
+    """``checkpoint-N`` folders under ``source`` by step; or ``source`` itself when it is a
+    plain model folder (``config.json`` and weights)."""
+    if not source.is_dir():
+        raise InvalidArgumentError(
+            f"{source} is not a folder.",
+            "Pass a Hugging Face Trainer output_dir (holding checkpoint-N folders) or a "
+            "save_pretrained folder.",
+        )
+    found = []
+    for entry in source.iterdir():
+        m = _CHECKPOINT_RE.match(entry.name)
+        if m and entry.is_dir():
+            found.append((int(m.group(1)), entry))
+    if found:
+        return sorted(found)
+    if (source / "config.json").is_file() and _has_weights(source):
+        return [(_step_of(source), source)]
+    raise InvalidArgumentError(
+        f"{source} holds no checkpoint-N folders and is not a model folder "
+        "(config.json plus model weights).",
+        "Pass the Trainer's output_dir, one checkpoint-N folder, or a save_pretrained folder.",
+    )
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(
+        (folder / n).is_file()
+        for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "pytorch_model.bin.index.json")
+    )  # fmt: skip
+
+
+def _step_of(folder: Path) -> int:
+    m = _CHECKPOINT_RE.match(folder.name)
+    if m:
+        return int(m.group(1))
+    state = _trainer_state(folder)
+    return int(state.get("global_step", 0)) if state else 0
+
+
+def _trainer_state(folder: Path) -> dict[str, Any] | None:
+    path = folder / "trainer_state.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _weights_only_load(path: Path) -> Any:
+    """torch.load that builds tensors and plain containers only (no code runs), with the
+    NumPy types that HF's RNG files hold allowed, as Trainer itself does."""
+    np_core = getattr(np, "_core", None) or np.core
+    allowed = [np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _metrics_at(state: dict[str, Any] | None, step: int) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for entry in (state or {}).get("log_history", []):
+        if not isinstance(entry, dict) or entry.get("step") != step:
+            continue
+        for k, v in entry.items():
+            wanted = (k == "loss" or k.startswith("eval_")) and not k.endswith(
+                ("_runtime", "_per_second")
+            )
+            if wanted and isinstance(v, (int, float)) and not isinstance(v, bool):
+                metrics[k] = float(v)
+    return _check_metrics(metrics)
+
+
+def _writer(folder: Path, max_shard: int) -> Callable[[components.FileRecorder], dict[str, Any]]:
+    def write(rec: components.FileRecorder) -> dict[str, Any]:
+        contents: dict[str, Any] = {}
+        bins: list[Path] = []
+        model_files: list[str] = []
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder).as_posix()
+            if path.is_dir() or path.is_symlink() or rel.startswith(".savepoints"):
+                continue
+            name = path.name
+            if name in NEVER_READ or _SKIP.match(name) or name in _STATE_FILES:
+                continue
+            if _WEIGHT_BINS.match(name):
+                bins.append(path)
+                continue
+            rec.copy_file(rel, path)
+            if name.endswith(".safetensors") or name == components.WEIGHTS_INDEX_NAME:
+                model_files.append(rel)
+        if bins:
+            state: dict[str, torch.Tensor] = {}
+            for b in bins:
+                state.update(_weights_only_load(b))
+            tensors, _ = components.dedupe_aliases(state)
+            model_files = components.write_weights(rec, tensors, max_shard)
+        if model_files:
+            config = _json(folder / "config.json")
+            arch = (config.get("architectures") or ["?"])[0] if config else "?"
+            contents["model"] = {
+                "kind": "transformers" if config else "torch",
+                "class": arch,
+                "files": sorted(model_files, key=lambda f: not f.endswith(".json")),
+            }
+        for fname, key in _STATE_FILES.items():
+            if (folder / fname).is_file():
+                skeleton, tensors = encode_tree(_weights_only_load(folder / fname), f"{key} state")
+                contents[key] = components.write_tree(rec, key, skeleton, tensors)
+        if (folder / "rng_state.pth").is_file():
+            rng = _weights_only_load(folder / "rng_state.pth")
+            ours: dict[str, Any] = {k: rng[k] for k in ("python", "numpy") if k in rng}
+            if "cpu" in rng:
+                ours["torch"] = rng["cpu"]
+            if "cuda" in rng:
+                cuda = rng["cuda"]
+                ours["cuda"] = list(cuda) if isinstance(cuda, (list, tuple)) else [cuda]
+            skeleton, tensors = encode_tree(ours, "rng state")
+            contents["rng"] = components.write_tree(rec, "rng", skeleton, tensors)
+            contents["rng"]["generators"] = sorted(ours)
+        if (folder / "scaler.pt").is_file():
+            skeleton, tensors = encode_tree(_weights_only_load(folder / "scaler.pt"), "scaler")
+            contents["extra"] = {"scaler": components.write_tree(rec, "scaler", skeleton, tensors)}
+        return contents
+
+    return write
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def import_hf(
+    source: str | Path,
+    points: SavePoints,
+    *,
+    overwrite: bool = False,
+    on_event: Callable[[str], None] = lambda msg: None,
+) -> list[SavePoint]:
+    """Import every ``checkpoint-N`` of ``source`` (or the model folder itself) into
+    ``points``, oldest first. Returns the new save points."""
+    source = Path(source)
+    imported = []
+    for step, folder in find_checkpoints(source):
+        trainer_state = _trainer_state(folder)
+        state: dict[str, Any] = {"global_step": step, "imported_from": str(folder.resolve())}
+        if trainer_state and isinstance(trainer_state.get("epoch"), (int, float)):
+            state["epoch"] = trainer_state["epoch"]
+        skipped = sorted(n for n in NEVER_READ if (folder / n).exists())
+        sp = points._save_with(
+            step, _writer(folder, points.max_shard_size),
+            metrics=_metrics_at(trainer_state, step), state=state, tags=(), overwrite=overwrite,
+        )  # fmt: skip
+        note = f" (never read: {', '.join(skipped)})" if skipped else ""
+        on_event(f"imported {folder} as step {step}: {', '.join(sorted(sp.contents))}{note}")
+        imported.append(sp)
+    return imported
