@@ -168,11 +168,12 @@ def test_demo_runs_end_to_end_and_resumes_bit_exactly(tmp_path):
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())
     assert "killed the training process with SIGKILL" in text
-    assert "restored step 30" in text
+    assert "Resuming from the save point at step 48" in text
     assert "ends with bit-identical weights: True" in text
     assert "verify(original) ok: True; verify(tampered copy) ok: False" in text
     with SavePoints(tmp_path / "demo", readonly=True) as points:
-        assert points.latest().step == 60 and points.verify().ok
+        assert points.latest().step == 144 and points.verify().ok
+        assert [p.step for p in points.list()] == [24, 48, 72, 96, 120, 144]
     # running it again replaces its own earlier run, but never a folder it did not write
     assert (
         subprocess.run(
