@@ -193,3 +193,15 @@ def test_real_pretrained_minilm_gets_better_and_predict_loads_the_best(tmp_path)
     assert best.metrics["eval_accuracy"] == max(acc)
     shown = sp("predict", tmp_path / "run", "I love this", "I hate this")
     assert f"save point step {best.step}" in shown.stdout
+
+
+def test_finetune_example_script_trains_resumes_and_predicts(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "examples" / "finetune_gpt2_tweets.py"
+    run = [sys.executable, str(script), "--run", str(tmp_path / "run"), "--epochs", "3"]
+    first = subprocess.run(run, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "best save point: step" in first.stdout and "'label':" in first.stdout
+    with SavePoints(tmp_path / "run", readonly=True) as points:
+        steps = [p.step for p in points.list()]
+        assert len(steps) in (2, 3) and steps[-1] == max(steps)  # last two + the best
+        assert not list((tmp_path / "run").rglob("checkpoint-*"))
