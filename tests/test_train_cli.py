@@ -205,3 +205,30 @@ def test_finetune_example_script_trains_resumes_and_predicts(tmp_path):
         steps = [p.step for p in points.list()]
         assert len(steps) in (2, 3) and steps[-1] == max(steps)  # last two + the best
         assert not list((tmp_path / "run").rglob("checkpoint-*"))
+
+
+def test_gpt2_model_folder_without_pad_token_gets_one(tweets, tmp_path):
+    """GPT-2 checkpoints ship without a pad token; train must add one to batch."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["some text to learn from"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    assert tok.pad_token is None
+    folder = tmp_path / "gpt2-local"
+    tok.save_pretrained(folder)
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(tok))
+    ).save_pretrained(folder)
+    train, valid = tweets
+    out = sp("train", train, "--eval", valid, "--run", tmp_path / "run", "--model", folder,
+             "--epochs", "1", "--max-length", "32", "--batch-size", "8")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    with SavePoints(tmp_path / "run", readonly=True) as points:
+        config = json.loads((points.latest().path / "config.json").read_text())
+    assert config["architectures"] == ["GPT2ForSequenceClassification"]
+    assert config["pad_token_id"] is not None and config["id2label"]["2"] == "positive"

@@ -205,3 +205,35 @@ def test_export_hf_is_a_deployable_bundle(tmp_path, straight):
     assert next(model.parameters()).dtype == torch.bfloat16
     again = sp_cli("export", base / "run", tmp_path / "half")
     assert again.returncode == 1 and "not empty" in again.stderr
+
+
+def test_import_of_a_plain_model_folder_converts_bin_weights(tmp_path):
+    from transformers import (
+        AutoModelForSequenceClassification,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+    )
+
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(
+        GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, num_labels=2, pad_token_id=0)
+    )
+    folder = tmp_path / "exported"
+    model.save_pretrained(folder)
+    # an old-style pickled weights file instead of model.safetensors
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    out = sp_cli("import", folder, tmp_path / "run")
+    assert out.returncode == 0, out.stderr
+    with SavePoints(tmp_path / "run", readonly=True) as points:
+        (sp,) = points.list()
+    assert sp.step == 0 and (sp.path / "model.safetensors").is_file()
+    assert not (sp.path / "pytorch_model.bin").exists()
+    loaded = AutoModelForSequenceClassification.from_pretrained(sp.path)
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values())
+    )
+    (tmp_path / "empty").mkdir()
+    bad = sp_cli("import", tmp_path / "empty", tmp_path / "r2")
+    assert bad.returncode == 1 and "no checkpoint-N folders" in bad.stderr
+    assert not (tmp_path / "r2").exists()

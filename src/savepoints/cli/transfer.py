@@ -59,8 +59,9 @@ def export_cmd(target: Path, out: Path, step: int | None, latest: bool, dtype: s
 def import_cmd(source: Path, run: Path, overwrite: bool) -> None:
     """Adopt Hugging Face Trainer checkpoint-N folders in SOURCE (or a save_pretrained
     folder) as save points of RUN, converting their pickled states."""
-    from savepoints.hf_import import import_hf
+    from savepoints.hf_import import find_checkpoints, import_hf
 
+    find_checkpoints(source)  # a clear error before the run folder is created
     with SavePoints(run) as points:
         imported = import_hf(
             source, points, overwrite=overwrite,
