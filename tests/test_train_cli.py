@@ -232,3 +232,25 @@ def test_gpt2_model_folder_without_pad_token_gets_one(tweets, tmp_path):
         config = json.loads((points.latest().path / "config.json").read_text())
     assert config["architectures"] == ["GPT2ForSequenceClassification"]
     assert config["pad_token_id"] is not None and config["id2label"]["2"] == "positive"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_train_says_how_to_resume_and_resumes(tweets, tmp_path, sig):
+    train, valid = tweets
+    args = [sys.executable, "-m", "savepoints", "train", str(train), "--eval", str(valid),
+            "--run", str(tmp_path / "run"), *TRAIN]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "save point committed at step 10" in line:
+            break
+    proc.send_signal(sig)
+    rest = proc.stdout.read()
+    assert proc.wait() == 130
+    with SavePoints(tmp_path / "run", readonly=True) as points:
+        latest = points.latest().step
+        assert points.verify().ok
+    assert f"resume from step {latest}" in " ".join(rest.split())
+    assert not any((tmp_path / "run" / ".savepoints" / "staging").iterdir())
+    again = sp(*args[3:])
+    assert again.returncode == 0 and f"step {latest}" in again.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,9 @@ def train_cmd(data: Path, run: Path, **options: Any) -> None:
         if options[name] is not None:
             options[name] = str(options[name])
     cfg = FinetuneConfig(train_file=str(data), run=str(run), **options)
+    # SIGTERM (a scheduler stopping the job) ends training like Ctrl-C: a save in flight
+    # is abandoned and its staging removed; committed save points are untouched.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         finetune(
             cfg,
@@ -101,8 +105,14 @@ def train_cmd(data: Path, run: Path, **options: Any) -> None:
             f"command again to resume from {where}."
         )
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     console.print()
     print_points_table(run)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _progress_callback() -> Any:
