@@ -28,6 +28,7 @@ from savepoints import atomic, components
 from savepoints.errors import InvalidArgumentError
 from savepoints.layout import MANIFEST_NAME, TRAINING_STATE_DIR
 from savepoints.manager import SavePoint, __version__
+from savepoints.serialize import read_json_object
 
 Format = Literal["hf", "hf-trainer"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -145,7 +146,7 @@ def _write_trainer_state_files(point: SavePoint, out: Path) -> None:
 
 def model_card(point: SavePoint, dtype: str | None) -> str:
     """README.md for the export: what it is, how well it did, where it came from."""
-    config = _read_json(point.path / "config.json") or {}
+    config = read_json_object(point.path / "config.json") or {}
     arch = (config.get("architectures") or [point.contents["model"].get("class", "model")])[0]
     labels: Mapping[str, str] = config.get("id2label") or {}
     is_classifier = arch.endswith("ForSequenceClassification")
@@ -190,11 +191,3 @@ def model_card(point: SavePoint, dtype: str | None) -> str:
                   'model = AutoModel.from_pretrained("PATH/TO/THIS/FOLDER")']  # fmt: skip
     lines += ["```", ""]
     return "\n".join(lines)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

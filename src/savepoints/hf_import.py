@@ -9,7 +9,6 @@ which refuses to construct arbitrary objects; ``training_args.bin`` (a pickled
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from savepoints import components
 from savepoints.errors import InvalidArgumentError
 from savepoints.manager import SavePoint, SavePoints, _check_metrics
-from savepoints.serialize import encode_tree
+from savepoints.serialize import encode_tree, read_json_object
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 NEVER_READ = {"training_args.bin"}
@@ -73,14 +72,7 @@ def _step_of(folder: Path) -> int:
 
 
 def _trainer_state(folder: Path) -> dict[str, Any] | None:
-    path = folder / "trainer_state.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError):
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json_object(folder / "trainer_state.json")
 
 
 def _weights_only_load(path: Path) -> Any:
@@ -131,7 +123,7 @@ def _writer(folder: Path, max_shard: int) -> Callable[[components.FileRecorder],
             tensors, _ = components.dedupe_aliases(state)
             model_files = components.write_weights(rec, tensors, max_shard)
         if model_files:
-            config = _json(folder / "config.json")
+            config = read_json_object(folder / "config.json")
             arch = (config.get("architectures") or ["?"])[0] if config else "?"
             contents["model"] = {
                 "kind": "transformers" if config else "torch",
@@ -159,14 +151,6 @@ def _writer(folder: Path, max_shard: int) -> Callable[[components.FileRecorder],
         return contents
 
     return write
-
-
-def _json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def import_hf(

@@ -281,6 +281,15 @@ def decode_tree(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return dec(skeleton)
 
 
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object from a small file written by others, or None if it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def check_json(value: Any, where: str, key: str = "") -> Any:
     """Return ``value`` as plain JSON (tuples become lists), or raise naming the bad key.
 
