@@ -257,59 +257,52 @@ def _save_checkpoint(cb: SavePointsCallback, model: Any, trial: Any) -> None:
     )
 
 
-def _load_from_checkpoint(
-    cb: SavePointsCallback, resume_from_checkpoint: str, model: Any = None
-) -> None:
-    if not is_savepoint(resume_from_checkpoint):
-        return cb._originals["_load_from_checkpoint"](resume_from_checkpoint, model)
-    point = cb._savepoint(resume_from_checkpoint)
+def _restore_model(cb: SavePointsCallback, point: SavePoint, model: Any = None) -> None:
     target = model if model is not None else cb.trainer.model
     components.restore_model(target, point.path, point.manifest.contents["model"])
-    return None
 
 
-def _load_optimizer_and_scheduler(cb: SavePointsCallback, checkpoint: str | None) -> None:
-    if not is_savepoint(checkpoint):
-        return cb._originals["_load_optimizer_and_scheduler"](checkpoint)
-    assert checkpoint is not None
-    point = cb._savepoint(checkpoint)
+def _restore_optimizer_and_scheduler(cb: SavePointsCallback, point: SavePoint) -> None:
     contents = point.manifest.contents
-    trainer = cb.trainer
     if "optimizer" in contents:
-        components.restore_optimizer(trainer.optimizer, point.path, contents["optimizer"])
+        components.restore_optimizer(cb.trainer.optimizer, point.path, contents["optimizer"])
     if "scheduler" in contents:
-        components.restore_object(
-            "scheduler", trainer.lr_scheduler, point.path, contents["scheduler"]
-        )
-    return None
+        scheduler = cb.trainer.lr_scheduler
+        components.restore_object("scheduler", scheduler, point.path, contents["scheduler"])
 
 
-def _load_rng_state(cb: SavePointsCallback, checkpoint: str | None) -> None:
-    if not is_savepoint(checkpoint):
-        return cb._originals["_load_rng_state"](checkpoint)
-    assert checkpoint is not None
-    point = cb._savepoint(checkpoint)
+def _restore_rng(cb: SavePointsCallback, point: SavePoint) -> None:
     info = point.manifest.contents.get("rng")
     if info is not None:
         components.restore_rng(components.read_tree(point.path, info), point.path)
-    return None
 
 
-def _load_scaler(cb: SavePointsCallback, checkpoint: str | None) -> None:
-    if not is_savepoint(checkpoint):
-        return cb._originals["_load_scaler"](checkpoint)
-    assert checkpoint is not None
-    point = cb._savepoint(checkpoint)
+def _restore_scaler(cb: SavePointsCallback, point: SavePoint) -> None:
     info = point.manifest.contents.get("extra", {}).get("scaler")
     scaler = getattr(cb.trainer.accelerator, "scaler", None)
     if info is not None and scaler is not None:
         components.restore_object("scaler", scaler, point.path, info)
-    return None
+
+
+def _save_point_or_original(name: str, restore: Callable[..., None]) -> Callable[..., Any]:
+    """A Trainer loader that reads save points itself and leaves any other folder (a
+    ``checkpoint-N`` of HF's own) to the Trainer's original method."""
+
+    def load(cb: SavePointsCallback, checkpoint: str | None, *args: Any) -> Any:
+        if checkpoint is None or not is_savepoint(checkpoint):
+            return cb._originals[name](checkpoint, *args)
+        restore(cb, cb._savepoint(checkpoint), *args)
+        return None
+
+    return load
 
 
 _LOADERS: dict[str, Callable[..., Any]] = {
-    "_load_from_checkpoint": _load_from_checkpoint,
-    "_load_optimizer_and_scheduler": _load_optimizer_and_scheduler,
-    "_load_rng_state": _load_rng_state,
-    "_load_scaler": _load_scaler,
+    name: _save_point_or_original(name, restore)
+    for name, restore in (
+        ("_load_from_checkpoint", _restore_model),
+        ("_load_optimizer_and_scheduler", _restore_optimizer_and_scheduler),
+        ("_load_rng_state", _restore_rng),
+        ("_load_scaler", _restore_scaler),
+    )
 }
