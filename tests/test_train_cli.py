@@ -175,6 +175,13 @@ def test_predict_uses_the_best_save_point_and_reads_stdin(tweets, tmp_path):
         == json.loads(sp("predict", tmp_path / "run", "--json", "hello there").stdout)["label"]
     )
     assert sp("predict", tmp_path / "run").returncode == 1  # no texts at all
+    texts = tmp_path / "texts.txt"
+    texts.write_text("first line\n\nsecond line\n")
+    from_file = sp("predict", tmp_path / "run", "--file", texts, "--json")
+    assert [json.loads(x)["text"] for x in from_file.stdout.splitlines()] == [
+        "first line",
+        "second line",
+    ]
 
 
 def test_real_pretrained_minilm_gets_better_and_predict_loads_the_best(tmp_path):

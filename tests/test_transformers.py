@@ -93,6 +93,18 @@ def test_retention_follows_training_arguments(tokenizer_dir, tmp_path):
     assert same_file_tensors(tmp_path / "w.safetensors", best.path / "model.safetensors")
 
 
+def test_save_strategy_best_saves_only_new_bests(tokenizer_dir, tmp_path):
+    result, _ = train(tokenizer_dir, tmp_path / "run", tmp_path / "w.safetensors",
+                      "--save-strategy", "best")  # fmt: skip
+    with SavePoints(tmp_path / "run", readonly=True) as points:
+        listed = points.list()
+        accuracies = [p.metrics["eval_accuracy"] for p in listed]
+        best = points.best()
+    assert 0 < len(listed) < 6  # not every evaluation was a new best
+    assert accuracies == sorted(accuracies) and len(set(accuracies)) == len(accuracies)
+    assert result["best"] == str(best.path) == str(listed[-1].path)
+
+
 def test_keep_from_args_maps_trainer_options():
     from transformers import TrainingArguments
 

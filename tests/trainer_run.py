@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--stop-at", type=int)
     ap.add_argument("--load-best", action="store_true")
     ap.add_argument("--save-total-limit", type=int)
+    ap.add_argument("--save-strategy", default="steps")
     ap.add_argument(
         "--plain",
         action="store_true",
@@ -111,7 +112,7 @@ def main() -> None:
         num_train_epochs=3,
         learning_rate=2e-3,
         warmup_steps=3,
-        save_strategy="steps",
+        save_strategy=args.save_strategy,
         save_steps=4,
         eval_strategy="steps",
         eval_steps=4,
