@@ -291,13 +291,66 @@ class SavePoints:
             )
         return metric, mode
 
-    def get(self, step: int) -> SavePoint:
-        """The committed save point of ``step``; a clear error when there is none."""
+    def get(self, step: int | str) -> SavePoint:
+        """The committed save point of ``step``, or the one tagged ``step`` when it is a
+        name (``get("release-1")``); a clear error when there is none."""
         points = self.list()
         for p in points:
-            if p.step == step:
+            if (p.step == step and not isinstance(step, str)) or (
+                isinstance(step, str) and step in p.tags
+            ):
                 return p
+        if isinstance(step, str) and step.isdigit():
+            return self.get(int(step))
         raise SavePointNotFoundError(self.path, step, [p.step for p in points])
+
+    def tag(self, step: int | str, name: str) -> SavePoint:
+        """Add tag ``name`` to a save point. Tagged save points are kept by retention; a
+        tag names one save point in the run, so it can be used instead of a step."""
+        self._check_writable("tag a save point")
+        (clean,) = _check_tags([name])
+        point = self.get(step)
+        holder = self._tag_holder(clean)
+        if holder is not None and holder.step != point.step:
+            raise InvalidArgumentError(
+                f"Tag {clean!r} is already on step {holder.step} of {self.path}.",
+                f"Untag it first (savepoints untag RUN {holder.step} {clean}), or pick "
+                "another name.",
+            )
+        if clean in point.tags:
+            return point
+        return self._rewrite_tags(point, (*point.tags, clean))
+
+    def untag(self, step: int | str, name: str) -> SavePoint:
+        """Remove tag ``name`` from a save point (retention may then delete it)."""
+        self._check_writable("untag a save point")
+        point = self.get(step)
+        if name not in point.tags:
+            raise InvalidArgumentError(
+                f"Step {point.step} of {self.path} has no tag {name!r} "
+                f"(its tags: {', '.join(point.tags) or 'none'}).",
+                "Check the name with `savepoints list RUN`.",
+            )
+        updated = self._rewrite_tags(point, tuple(t for t in point.tags if t != name))
+        self._apply_retention()
+        return updated
+
+    def _tag_holder(self, name: str) -> SavePoint | None:
+        return next((p for p in self.list() if name in p.tags), None)
+
+    def _rewrite_tags(self, point: SavePoint, tags: tuple[str, ...]) -> SavePoint:
+        # The manifest is replaced in one rename: readers see the old one or the new one.
+        manifest = point.manifest.with_tags(tags)
+        self._layout.staging.mkdir(parents=True, exist_ok=True)
+        tmp = self._layout.new_staging_dir(point.step)
+        tmp.mkdir()
+        try:
+            write_manifest(tmp, manifest, MANIFEST_NAME)
+            os.replace(tmp / MANIFEST_NAME, point.path / MANIFEST_NAME)
+            atomic.fsync_dir(point.path)
+        finally:
+            atomic.remove_tree(tmp)
+        return SavePoint(point.path, manifest)
 
     def verify(self) -> VerifyReport:
         """Verify every save point folder of the run."""
@@ -336,6 +389,13 @@ class SavePoints:
         clean_metrics = _check_metrics(metrics)
         clean_state = check_json(dict(state or {}), "state")
         clean_tags = _check_tags(tags)
+        for name in clean_tags:
+            holder = self._tag_holder(name)
+            if holder is not None and not (overwrite and holder.step == step):
+                raise InvalidArgumentError(
+                    f"Tag {name!r} is already on step {holder.step} of {self.path}.",
+                    "Untag it first, or save with another tag name.",
+                )
         extra = _check_extra(extra)
         files = _check_files(files)
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -620,10 +680,16 @@ def _check_tags(tags: Sequence[str]) -> tuple[str, ...]:
         tags = [tags]
     out: list[str] = []
     for tag in tags:
-        if not isinstance(tag, str) or not tag.strip() or tag != tag.strip() or "/" in tag:
+        if (
+            not isinstance(tag, str)
+            or not re.fullmatch(r"[\w.@+-]+", tag)
+            or tag.isdigit()
+            or tag in ("latest", "best")
+        ):
             raise InvalidArgumentError(
                 f"tag {tag!r} is not allowed.",
-                "Use a non-empty name without slashes or surrounding spaces, e.g. 'warmup-done'.",
+                "Use letters, digits, '.', '_', '-', '+' or '@' (not only digits, not "
+                "'latest' or 'best'), e.g. 'warmup-done' or 'release-1'.",
             )
         if tag not in out:
             out.append(tag)

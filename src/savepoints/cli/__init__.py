@@ -81,8 +81,9 @@ def main() -> None:
 
 from savepoints.cli import demo as _demo  # noqa: E402  (registers the commands)
 from savepoints.cli import inspect as _inspect  # noqa: E402
+from savepoints.cli import manage as _manage  # noqa: E402
 from savepoints.cli import train as _train  # noqa: E402
 from savepoints.cli import transfer as _transfer  # noqa: E402
 
 __all__ = ["cli", "main"]
-_ = (_demo, _inspect, _train, _transfer)
+_ = (_demo, _inspect, _manage, _train, _transfer)

@@ -159,12 +159,7 @@ def _resolve_point(run: Path, step: str | None) -> SavePoint:
     elif step == "best":
         sp = points.best()
     else:
-        if not step.isdigit():
-            raise InvalidArgumentError(
-                f"STEP must be a step number, 'latest' or 'best', not {step!r}.",
-                "Run `savepoints list RUN` to see the steps.",
-            )
-        return points.get(int(step))
+        return points.get(int(step) if step.isdigit() else step)
     if sp is None:
         raise SavePointNotFoundError(run, step or "latest", [])
     return sp
@@ -175,8 +170,8 @@ def _resolve_point(run: Path, step: str | None) -> SavePoint:
 @click.argument("step", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def show_cmd(run: Path, step: str | None, as_json: bool) -> None:
-    """Show one save point of RUN (default the latest; STEP may be a number, 'latest' or
-    'best'), or a save point FOLDER: files, sizes, metrics, state, versions."""
+    """Show one save point of RUN (default the latest; STEP may be a number, a tag,
+    'latest' or 'best'), or a save point FOLDER: files, sizes, metrics, state, versions."""
     sp = _resolve_point(run, step)
     if as_json:
         _echo_json({"path": str(sp.path), **sp.manifest.to_json()})

@@ -168,13 +168,14 @@ def _progress_callback() -> Any:
     return RichProgress()
 
 
-def resolve_point(target: Path, step: int | None, latest: bool) -> SavePoint:
-    """A save point folder as given, or the best (default), latest or ``step`` of a run."""
+def resolve_point(target: Path, step: str | None, latest: bool) -> SavePoint:
+    """A save point folder as given, or the best (default), latest or ``step`` (a number
+    or a tag) of a run."""
     if (target / MANIFEST_NAME).is_file():
         return SavePoint.open(target)
     points = SavePoints(target, readonly=True)
     if step is not None:
-        return points.get(step)
+        return points.get(int(step) if step.isdigit() else step)
     listed = points.list()
     if not listed:
         raise SavePointNotFoundError(target, "best", [])
@@ -215,7 +216,7 @@ def read_texts(texts: tuple[str, ...], file: Path | None) -> list[str]:
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
     help="Read texts from this file, one per line.",
 )
-@click.option("--step", type=int, help="Use the save point of this step.")
+@click.option("--step", help="Use the save point of this step (or tag).")
 @click.option("--latest", is_flag=True, help="Use the latest save point instead of the best.")
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing the save point first.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per text.")
@@ -223,7 +224,7 @@ def predict_cmd(
     target: Path,
     texts: tuple[str, ...],
     file: Path | None,
-    step: int | None,
+    step: str | None,
     latest: bool,
     no_verify: bool,
     as_json: bool,

@@ -18,7 +18,7 @@ console = Console(highlight=False)
 @cli.command("export")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--step", type=int, help="Export the save point of this step.")
+@click.option("--step", help="Export the save point of this step (or tag).")
 @click.option("--latest", is_flag=True, help="Export the latest save point instead of the best.")
 @click.option(
     "--dtype",
@@ -33,7 +33,7 @@ console = Console(highlight=False)
     show_default=True,
     help="hf: a deployment bundle; hf-trainer: a folder plain Trainer resumes from.",
 )
-def export_cmd(target: Path, out: Path, step: int | None, latest: bool, dtype: str | None,
+def export_cmd(target: Path, out: Path, step: str | None, latest: bool, dtype: str | None,
                fmt: str) -> None:  # fmt: skip
     """Export the best save point of TARGET (a run; or --step/--latest), or a save point
     FOLDER, to the new folder OUT."""
