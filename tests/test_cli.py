@@ -117,7 +117,7 @@ def test_verify_exits_zero_only_when_everything_verifies(run):
     [
         (["list", "{tmp}/missing"], 2, "does not exist"),
         (["show", "{run}", "99"], 2, "has no save point 99"),
-        (["show", "{run}", "soon"], 1, "STEP must be a step number"),
+        (["show", "{run}", "soon"], 2, "has no save point 'soon'"),
         (["verify", "{tmp}/missing"], 2, "does not exist"),
     ],
 )
