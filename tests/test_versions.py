@@ -83,3 +83,39 @@ def test_cli_tag_untag_and_rm(run):
     # a missing step among several deletes none of them
     code, _, _ = invoke("rm", run, 30, 99)
     assert code == 2 and [p.step for p in SavePoints(run, readonly=True).list()] == [30]
+
+
+def test_diff_names_changed_tensors_layers_config_and_metrics(tmp_path, gpt2_cls):
+    from transformers import GPT2ForSequenceClassification
+
+    from conftest import tiny_gpt2_config
+
+    with SavePoints(tmp_path / "run") as points:
+        points.save(1, model=gpt2_cls, metrics={"eval_loss": 0.9, "acc": 0.5})
+        with torch.no_grad():
+            gpt2_cls.score.weight.mul_(2.0)  # only the head changes: relative L2 = 1.0
+        gpt2_cls.config.summary_type = "mean"
+        points.save(2, model=gpt2_cls, metrics={"eval_loss": 0.7, "acc": 0.5}, tags=["v2"])
+        deeper = GPT2ForSequenceClassification(tiny_gpt2_config(n_layer=3))
+        points.save(3, model=deeper)
+    code, out, _ = invoke("diff", tmp_path / "run", 1, "v2", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert [c["name"] for c in report["changed"]] == ["score.weight"]
+    assert report["changed"][0]["relative_l2"] == pytest.approx(1.0)
+    assert report["layers"]["score"] == pytest.approx(1.0)
+    assert report["layers"]["transformer.h.0"] == 0.0
+    assert report["unchanged"] == len(gpt2_cls.state_dict()) - 1
+    assert report["metric_changes"] == {
+        "eval_loss": {"a": 0.9, "b": 0.7, "delta": pytest.approx(-0.2)}
+    }
+    assert report["config_changes"]["summary_type"] == ["cls_index", "mean"]
+    code, out, _ = invoke("diff", tmp_path / "run", 2, 3, "--json")
+    report = json.loads(out)
+    assert report["added"] and all(n.startswith("transformer.h.2.") for n in report["added"])
+    assert report["config_changes"]["n_layer"] == [2, 3]
+    code, out, _ = invoke("diff", tmp_path / "run", 1, 2)
+    assert code == 0 and "score.weight" in out and "relative L2 change per layer" in out
+    # a folder works as either side
+    folder = SavePoints(tmp_path / "run", readonly=True).get(1).path
+    assert invoke("diff", tmp_path / "run", str(folder), 2)[0] == 0

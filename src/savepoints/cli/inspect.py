@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -267,3 +268,69 @@ def verify_cmd(path: Path, as_json: bool) -> None:
             console.print(summary)
     if not report.ok:
         sys.exit(3)
+
+
+def _bar(value: float, top: float, width: int = 24) -> str:
+    if top <= 0 or not math.isfinite(value):
+        return ""
+    return "█" * max(1, round(width * min(value, top) / top)) if value > 0 else ""
+
+
+@cli.command("diff")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("a")
+@click.argument("b")
+@click.option("--top", type=int, default=15, show_default=True, help="Changed tensors to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole comparison as JSON.")
+def diff_cmd(run: Path, a: str, b: str, top: int, as_json: bool) -> None:
+    """What changed from A to B (steps or tags of RUN, or folders): config, tensors
+    (relative L2 change per tensor and per layer), metrics."""
+    from savepoints.diff import diff_models, resolve, to_json_text
+
+    report = diff_models(resolve(run, a), resolve(run, b))
+    if as_json:
+        click.echo(to_json_text(report))
+        return
+    console.print(f"[bold]{report.a}[/] → [bold]{report.b}[/]")
+    if report.metric_changes:
+        t = Table(title="metrics", title_justify="left", box=box.SIMPLE_HEAD)
+        for col in ("metric", "A", "B", "Δ"):
+            t.add_column(col, justify="left" if col == "metric" else "right")
+        for k, (va, vb) in report.metric_changes.items():
+            d = "" if va is None or vb is None else f"{vb - va:+.4g}"
+            t.add_row(k, "—" if va is None else f"{va:.4g}", "—" if vb is None else f"{vb:.4g}", d)
+        console.print(t)
+    if report.config_changes:
+        t = Table(title="config", title_justify="left", box=box.SIMPLE_HEAD)
+        for col in ("key", "A", "B"):
+            t.add_column(col)
+        for k, (va, vb) in report.config_changes.items():
+            t.add_row(k, json.dumps(va), json.dumps(vb))
+        console.print(t)
+    for label, names in (("added", report.added), ("removed", report.removed)):
+        if names:
+            console.print(f"[bold]{label}[/] ({len(names)}): " + ", ".join(names[:top]))
+    for name, (sa, sb) in report.reshaped.items():
+        console.print(f"[bold]reshaped[/] {name}: {sa} → {sb}")
+    if report.layers:
+        t = Table(title="relative L2 change per layer", title_justify="left", box=box.SIMPLE_HEAD)
+        t.add_column("layer")
+        t.add_column("change", justify="right")
+        t.add_column("")
+        top_layer = max((v for v in report.layers.values() if math.isfinite(v)), default=0.0)
+        for layer, v in sorted(report.layers.items(), key=lambda kv: -kv[1])[:top]:
+            t.add_row(layer, f"{v:.3e}" if v else "0", _bar(v, top_layer))
+        console.print(t)
+    if report.changed:
+        t = Table(title=f"most changed tensors (top {min(top, len(report.changed))} of "
+                  f"{len(report.changed)})", title_justify="left", box=box.SIMPLE_HEAD)  # fmt: skip
+        t.add_column("tensor")
+        t.add_column("relative L2", justify="right")
+        t.add_column("params", justify="right")
+        for c in report.changed[:top]:
+            t.add_row(c.name, f"{c.relative_l2:.3e}", f"{c.numel:,}")
+        console.print(t)
+    console.print(
+        f"{report.unchanged} tensor(s) unchanged ({human_bytes(report.unchanged_bytes)}), "
+        f"{len(report.changed)} changed."
+    )
