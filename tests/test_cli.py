@@ -22,6 +22,8 @@ def run(tmp_path: Path) -> Path:
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     with SavePoints(tmp_path / "run", keep=Keep(metric="eval_loss", mode="min")) as points:
         for step, loss in ((10, 0.7), (20, 0.3), (30, 0.5)):
+            with torch.no_grad():
+                net.weight.add_(1.0)  # each save point has weights of its own
             points.save(
                 step,
                 model=net,

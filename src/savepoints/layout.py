@@ -9,6 +9,8 @@ A run folder holds::
         staging/            save points being written; anything here is uncommitted
         trash/              save points being deleted (renamed here first, so a crash
                             mid-delete never leaves a half-deleted folder in the run)
+        blobs/              content-addressed file contents; save point files are hard
+                            links to them, so unchanged files are stored once (store.py)
 
 Steps are zero-padded to 8 digits so that ``ls`` sorts them; longer steps simply use
 more digits, and parsing accepts any number of digits.
@@ -61,6 +63,10 @@ class RunLayout:
     @property
     def trash(self) -> Path:
         return self.private / "trash"
+
+    @property
+    def blobs(self) -> Path:
+        return self.private / "blobs"
 
     @property
     def lock(self) -> Path:

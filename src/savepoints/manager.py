@@ -44,6 +44,7 @@ from savepoints.keep import Keep, Mode, PointInfo
 from savepoints.layout import MANIFEST_NAME, RunLayout, parse_step
 from savepoints.manifest import Manifest, is_safe_relpath, read_manifest, write_manifest
 from savepoints.serialize import check_json, encode_tree
+from savepoints.store import BlobStore, Usage, usage
 
 log = logging.getLogger("savepoints")
 
@@ -135,6 +136,7 @@ class SavePoints:
         keep: Keep | None = None,
         readonly: bool = False,
         max_shard_size: int = components.DEFAULT_MAX_SHARD_BYTES,
+        dedup: bool = True,
     ) -> None:
         if keep is not None and not isinstance(keep, Keep):
             raise InvalidArgumentError(
@@ -153,6 +155,8 @@ class SavePoints:
         self.readonly = readonly
         self.max_shard_size = max_shard_size
         self._layout = RunLayout(self.path)
+        self._store = BlobStore(self._layout.blobs)
+        self._store.linking = dedup
         self._lock_fd: int | None = None
         self._closed = False
         self._parent: int | None = None
@@ -435,6 +439,7 @@ class SavePoints:
             staging.mkdir(parents=True)
             rec = components.FileRecorder(staging)
             contents = write(rec)
+            self._store.intern_all(staging, rec.files)
             manifest = Manifest(
                 step=step,
                 created=datetime.now(timezone.utc),
@@ -527,14 +532,37 @@ class SavePoints:
         if not self.keep.prunes:
             return
         points = self.list()
-        for step in keep_mod.to_delete(_infos(points), self.keep):
+        doomed = keep_mod.to_delete(_infos(points), self.keep)
+        for step in doomed:
             self._delete(step)
+        if doomed:
+            self.gc()
+
+    @property
+    def dedup(self) -> bool:
+        """Whether unchanged files are stored once (hard links into the blob store); False
+        when turned off or when this file system refuses hard links (then files are copies)."""
+        return self._store.linking
+
+    def gc(self) -> tuple[int, int]:
+        """Free blobs that no save point references. Returns (blobs, bytes) freed."""
+        self._check_writable("collect garbage")
+        return self._store.collect()
+
+    def usage(self) -> Usage:
+        """Logical vs physical bytes, each save point's unique bytes, garbage."""
+        listed = self.list()
+        return usage(
+            {p.step: p.path for p in listed}, {p.step: p.manifest.files for p in listed},
+            self._store,
+        )  # fmt: skip
 
     def delete(self, step: int) -> None:
         """Delete one committed save point (atomically: it is gone or intact)."""
         self._check_writable("delete a save point")
         point = self.get(step)
         self._delete(point.step)
+        self.gc()
 
     def _delete(self, step: int) -> None:
         log.info("savepoints: retention deletes step %d of %s", step, self.path)
