@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from collections.abc import Callable, Mapping, Set
@@ -32,6 +33,8 @@ from savepoints.serialize import decode_tree, encode_tree, read_safetensors, wri
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+#: Weights this large are written one shard per layer, so unchanged layers deduplicate.
+LAYER_SHARDS_ABOVE = 64 * 1024**2
 
 
 @dataclass
@@ -148,7 +151,10 @@ def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
 
 
 def write_model(
-    rec: FileRecorder, model: torch.nn.Module, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    rec: FileRecorder,
+    model: torch.nn.Module,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    layer_shards_above: int | None = LAYER_SHARDS_ABOVE,
 ) -> dict[str, Any]:
     model = unwrap_model(model)
     tensors, tied = model_tensors(model)
@@ -159,7 +165,7 @@ def write_model(
         _write_transformers_config(rec, model)
     else:
         info["kind"] = "torch"
-    info["files"] = write_weights(rec, tensors, max_shard_bytes)
+    info["files"] = write_weights(rec, tensors, max_shard_bytes, layer_shards_above)
     info["tensors"] = len(tensors)
     info["bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
     if tied:
@@ -168,10 +174,19 @@ def write_model(
 
 
 def write_weights(
-    rec: FileRecorder, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int
+    rec: FileRecorder,
+    tensors: Mapping[str, torch.Tensor],
+    max_shard_bytes: int,
+    layer_shards_above: int | None = None,
 ) -> list[str]:
-    """``model.safetensors``, or shards plus the standard index when over the shard size."""
-    shards = _plan_shards(tensors, max_shard_bytes)
+    """``model.safetensors``, or shards plus the standard index: one shard per layer when
+    the weights reach ``layer_shards_above`` bytes (so a layer that did not change is the
+    same file as before, stored once), else shards only past ``max_shard_bytes``."""
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if layer_shards_above is not None and total >= layer_shards_above:
+        shards = _layer_shards(tensors, max_shard_bytes)
+    else:
+        shards = _plan_shards(tensors, max_shard_bytes)
     metadata = {"format": "pt"}
     if len(shards) == 1:
         rec.write_tensors(WEIGHTS_NAME, _on_cpu(shards[0]), metadata)
@@ -206,6 +221,30 @@ def dedupe_aliases(
 
 def _on_cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in tensors.items()}
+
+
+_LAYER = re.compile(r"^(.*?\.\d+)\.")
+
+
+def layer_of(name: str) -> str:
+    """The layer a tensor belongs to: its name up to the first numbered module
+    (``transformer.h.11.attn.c_attn.weight`` -> ``transformer.h.11``), else its module."""
+    m = _LAYER.match(name)
+    if m:
+        return m.group(1)
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def _layer_shards(
+    tensors: Mapping[str, torch.Tensor], max_bytes: int
+) -> list[dict[str, torch.Tensor]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        groups.setdefault(layer_of(name), {})[name] = t
+    shards: list[dict[str, torch.Tensor]] = []
+    for group in groups.values():
+        shards.extend(_plan_shards(group, max_bytes))
+    return shards
 
 
 def _plan_shards(

@@ -8,28 +8,17 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from savepoints.components import layer_of
 from savepoints.errors import InvalidArgumentError
 from savepoints.layout import MANIFEST_NAME
 from savepoints.manager import SavePoint
 from savepoints.serialize import read_json_object
-
-_LAYER = re.compile(r"^(.*?\.\d+)\.")
-
-
-def layer_of(name: str) -> str:
-    """The layer a tensor belongs to: its name up to the first numbered module
-    (``transformer.h.11.attn.c_attn.weight`` -> ``transformer.h.11``), else its module."""
-    m = _LAYER.match(name)
-    if m:
-        return m.group(1)
-    return name.rsplit(".", 1)[0] if "." in name else name
 
 
 @dataclass

@@ -127,6 +127,11 @@ class SavePoints:
     takes a lock so that no second process writes into it, and removes what crashed
     writers left in its private staging area. ``readonly=True`` opens an existing run
     to read and restore only (no lock: safe while another process trains).
+
+    Options: ``keep`` (retention, default keep all); ``max_shard_size`` (bytes per
+    weights shard); ``layer_shards_above`` (weights of at least this many bytes are
+    written one shard per layer, so unchanged layers are stored once; None turns it off);
+    ``dedup`` (store identical files once through hard links; on by default).
     """
 
     def __init__(
@@ -136,6 +141,7 @@ class SavePoints:
         keep: Keep | None = None,
         readonly: bool = False,
         max_shard_size: int = components.DEFAULT_MAX_SHARD_BYTES,
+        layer_shards_above: int | None = components.LAYER_SHARDS_ABOVE,
         dedup: bool = True,
     ) -> None:
         if keep is not None and not isinstance(keep, Keep):
@@ -154,6 +160,7 @@ class SavePoints:
         self._keep_given = keep is not None
         self.readonly = readonly
         self.max_shard_size = max_shard_size
+        self.layer_shards_above = layer_shards_above
         self._layout = RunLayout(self.path)
         self._store = BlobStore(self._layout.blobs)
         self._store.linking = dedup
@@ -495,7 +502,9 @@ class SavePoints:
     ) -> dict[str, Any]:
         contents: dict[str, Any] = {}
         if model is not None:
-            contents["model"] = components.write_model(rec, model, self.max_shard_size)
+            contents["model"] = components.write_model(
+                rec, model, self.max_shard_size, self.layer_shards_above
+            )
         if tokenizer is not None:
             contents["tokenizer"] = components.write_tokenizer(rec, tokenizer)
         if optimizer is not None:

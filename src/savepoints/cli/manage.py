@@ -62,3 +62,49 @@ def rm_cmd(run: Path, steps: tuple[str, ...], force: bool) -> None:
         for p in targets:
             points.delete(p.step)
             console.print(f"[green]✓[/] deleted step {p.step}")
+
+
+@cli.command("du")
+@click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def du_cmd(run: Path, as_json: bool) -> None:
+    """Disk usage of RUN: logical bytes (every save point as a full copy), physical bytes
+    (what is really on disk), each save point's unique bytes, and the dedup ratio."""
+    import json
+
+    from rich import box
+    from rich.table import Table
+
+    from savepoints.cli.inspect import human_bytes
+
+    points = SavePoints(run, readonly=True)
+    u = points.usage()
+    if as_json:
+        click.echo(json.dumps({"logical": u.logical, "physical": u.physical, "ratio": u.ratio,
+                               "garbage": u.garbage, "unique": u.unique}, indent=2))  # fmt: skip
+        return
+    table = Table(title=f"{run}", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("step", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("unique", justify="right")
+    sizes = {p.step: p.size for p in points.list()}
+    for step, unique in sorted(u.unique.items()):
+        table.add_row(str(step), human_bytes(sizes[step]), human_bytes(unique))
+    console.print(table)
+    console.print(
+        f"logical {human_bytes(u.logical)}  physical {human_bytes(u.physical)}  "
+        f"dedup ratio {u.ratio:.2f}x"
+        + (f"  garbage {human_bytes(u.garbage)} (savepoints gc frees it)" if u.garbage else "")
+    )
+
+
+@cli.command("gc")
+@click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
+def gc_cmd(run: Path) -> None:
+    """Free stored file contents that no save point of RUN references any more.
+    Safe to interrupt: it only ever removes unreferenced data."""
+    from savepoints.cli.inspect import human_bytes
+
+    with SavePoints(run) as points:
+        blobs, freed = points.gc()
+    console.print(f"[green]✓[/] freed {human_bytes(freed)} in {blobs} unreferenced blob(s)")
