@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from savepoints import SavePoints
@@ -185,3 +186,58 @@ def test_du_and_gc_commands(tmp_path):
     assert data["physical"] < data["logical"] and set(data["unique"]) == {"1", "2", "3"}
     r = CliRunner().invoke(cli, ["gc", str(tmp_path / "run")])
     assert r.exit_code == 0 and "freed 0 B in 0 unreferenced blob(s)" in r.stdout
+
+
+def test_lora_adapter_run_stores_the_base_once_in_peft_layout(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=500, bos_token_id=0, eos_token_id=0)
+    ).save_pretrained(tmp_path / "base")
+
+    def lora_model():
+        torch.manual_seed(1)
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        config = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)
+        return peft.get_peft_model(base, config)
+
+    model = lora_model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 500, (2, 16))
+    with SavePoints(tmp_path / "run", layer_shards_above=0) as points:
+        for step in (1, 2, 3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            points.save(step, model=model, optimizer=opt)
+        sp = points.latest()
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+            p.name for p in sp.path.iterdir()
+        }
+        u = points.usage()
+        base_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if not p.requires_grad)
+        adapter = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+        # the frozen base once, then adapter-sized save points (adapter, moments, small files)
+        assert u.physical < base_bytes + 3 * 8 * adapter + 200_000, (
+            u.physical,
+            base_bytes,
+            adapter,
+        )
+        assert u.logical > 2.5 * base_bytes
+        # PEFT's own loader works on the save point folder
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        loaded = peft.PeftModel.from_pretrained(base, str(sp.path)).eval()
+        model.eval()
+        with torch.no_grad():
+            assert torch.allclose(
+                loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6
+            )
+        # and an exact restore into a fresh LoRA model
+        fresh = lora_model()
+        points.restore(model=fresh)
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(fresh.state_dict().values(), model.state_dict().values())
+        )

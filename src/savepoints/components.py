@@ -117,6 +117,11 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def is_peft_model(model: object) -> bool:
+    """A ``peft.PeftModel`` (duck-typed: peft is never imported here)."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
 def is_transformers_model(model: object) -> bool:
     config = getattr(model, "config", None)
     return callable(getattr(model, "save_pretrained", None)) and callable(
@@ -158,14 +163,25 @@ def write_model(
 ) -> dict[str, Any]:
     model = unwrap_model(model)
     tensors, tied = model_tensors(model)
-    hf = is_transformers_model(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     info: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
-    if hf:
+    prefix = ""
+    if is_peft_model(model):
+        # PEFT's own layout (adapter_config.json, adapter_model.safetensors) so that
+        # PeftModel.from_pretrained(base, folder) works; the full state (frozen base
+        # included, stored once across save points by layer) for exact restores.
+        info["kind"] = "peft"
+        model.save_pretrained(str(rec.root))  # type: ignore[operator]
+        rec.adopt_new_files()
+        prefix = f"{TRAINING_STATE_DIR}/model/"
+    elif is_transformers_model(model):
         info["kind"] = "transformers"
         _write_transformers_config(rec, model)
     else:
         info["kind"] = "torch"
-    info["files"] = write_weights(rec, tensors, max_shard_bytes, layer_shards_above)
+    info["files"] = write_weights(
+        rec, tensors, max_shard_bytes, layer_shards_above, prefix=prefix, trainable=trainable
+    )
     info["tensors"] = len(tensors)
     info["bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
     if tied:
@@ -178,32 +194,35 @@ def write_weights(
     tensors: Mapping[str, torch.Tensor],
     max_shard_bytes: int,
     layer_shards_above: int | None = None,
+    *,
+    prefix: str = "",
+    trainable: Set[str] = frozenset(),
 ) -> list[str]:
-    """``model.safetensors``, or shards plus the standard index: one shard per layer when
-    the weights reach ``layer_shards_above`` bytes (so a layer that did not change is the
-    same file as before, stored once), else shards only past ``max_shard_bytes``."""
+    """``model.safetensors``, or shards plus the standard index: one shard per layer
+    (trainable and frozen tensors apart) when the weights reach ``layer_shards_above``
+    bytes, so a part that did not change is the same file as before and is stored once;
+    else shards only past ``max_shard_bytes``. ``prefix`` puts them in a subfolder."""
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if layer_shards_above is not None and total >= layer_shards_above:
-        shards = _layer_shards(tensors, max_shard_bytes)
+        shards = _layer_shards(tensors, max_shard_bytes, trainable)
     else:
         shards = _plan_shards(tensors, max_shard_bytes)
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        rec.write_tensors(WEIGHTS_NAME, _on_cpu(shards[0]), metadata)
-        return [WEIGHTS_NAME]
+        rec.write_tensors(prefix + WEIGHTS_NAME, _on_cpu(shards[0]), metadata)
+        return [prefix + WEIGHTS_NAME]
     weight_map: dict[str, str] = {}
     names = []
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        rec.write_tensors(fname, _on_cpu(shard), metadata)
+        rec.write_tensors(prefix + fname, _on_cpu(shard), metadata)
         weight_map.update({k: fname for k in shard})
-        names.append(fname)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+        names.append(prefix + fname)
     rec.write_json(
-        WEIGHTS_INDEX_NAME,
+        prefix + WEIGHTS_INDEX_NAME,
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
     )
-    return [WEIGHTS_INDEX_NAME, *names]
+    return [prefix + WEIGHTS_INDEX_NAME, *names]
 
 
 def dedupe_aliases(
@@ -236,11 +255,11 @@ def layer_of(name: str) -> str:
 
 
 def _layer_shards(
-    tensors: Mapping[str, torch.Tensor], max_bytes: int
+    tensors: Mapping[str, torch.Tensor], max_bytes: int, trainable: Set[str] = frozenset()
 ) -> list[dict[str, torch.Tensor]]:
-    groups: dict[str, dict[str, torch.Tensor]] = {}
+    groups: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
-        groups.setdefault(layer_of(name), {})[name] = t
+        groups.setdefault((layer_of(name), name in trainable), {})[name] = t
     shards: list[dict[str, torch.Tensor]] = []
     for group in groups.values():
         shards.extend(_plan_shards(group, max_bytes))

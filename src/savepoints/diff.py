@@ -33,15 +33,24 @@ class ModelView:
 
     @classmethod
     def open(cls, path: Path, label: str) -> ModelView:
+        from safetensors import safe_open
+
         metrics: dict[str, float] = {}
+        files: list[str] = []
         if (path / MANIFEST_NAME).is_file():
-            metrics = SavePoint.open(path).metrics
+            point = SavePoint.open(path)
+            metrics = point.metrics
+            files = [f for f in point.contents.get("model", {}).get("files", [])
+                     if f.endswith(".safetensors")]  # fmt: skip
         index = read_json_object(path / "model.safetensors.index.json")
-        if index and isinstance(index.get("weight_map"), dict):
+        if files:
+            tensors = {}
+            for rel in files:
+                with safe_open(str(path / rel), "pt") as reader:
+                    tensors.update({k: path / rel for k in reader.keys()})  # noqa: SIM118
+        elif index and isinstance(index.get("weight_map"), dict):
             tensors = {k: path / v for k, v in index["weight_map"].items()}
         elif (path / "model.safetensors").is_file():
-            from safetensors import safe_open
-
             with safe_open(str(path / "model.safetensors"), "pt") as reader:
                 tensors = {k: path / "model.safetensors" for k in reader.keys()}  # noqa: SIM118
         else:
