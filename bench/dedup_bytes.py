@@ -5,6 +5,8 @@ classifier. Two fine-tunes, each 10 optimizer steps with a checkpoint after ever
 
   head+last-block  only the classification head and the last transformer block train
   head-only        only the classification head trains
+  lora             a peft LoRA adapter (r=8 on attention) and the head train; HF Trainer
+                   then saves the adapter only (no base), so its baseline is small too
 
 For each it reports the physical bytes of the savepoints run (one shard per layer,
 files hard-linked to content-addressed blobs) and of the same 10 checkpoints written as
@@ -51,11 +53,18 @@ def run(scenario: str, base: Path, steps: int, layers: int) -> dict[str, float]:
 
     torch.manual_seed(0)
     model = GPT2ForSequenceClassification(GPT2Config(n_layer=layers, num_labels=3, pad_token_id=0))
-    trainable = ["score."] + (
-        [f"transformer.h.{layers - 1}."] if scenario == "head+last-block" else []
-    )
-    for name, p in model.named_parameters():
-        p.requires_grad = any(name.startswith(t) for t in trainable)
+    if scenario == "lora":
+        import peft
+
+        config = peft.LoraConfig(r=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                                 task_type="SEQ_CLS")  # fmt: skip
+        model = peft.get_peft_model(model, config)
+    else:
+        trainable = ["score."]
+        if scenario == "head+last-block":
+            trainable.append(f"transformer.h.{layers - 1}.")
+        for name, p in model.named_parameters():
+            p.requires_grad = any(name.startswith(t) for t in trainable)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     scheduler = get_linear_schedule_with_warmup(optimizer, 2, 100)
@@ -102,7 +111,7 @@ def main() -> None:
             f"{'scenario':18} {'trainable':>10} {'one save point':>15} {'savepoints':>11} "
             f"{'x one':>6} {'HF Trainer':>11} {'x one':>6}"
         )
-        for scenario in ("head+last-block", "head-only"):
+        for scenario in ("head+last-block", "head-only", "lora"):
             r = run(scenario, base, args.steps, args.layers)
             one = r["one_save_point"]
             print(
