@@ -363,6 +363,10 @@ class SavePoints:
             atomic.remove_tree(tmp)
         return SavePoint(point.path, manifest)
 
+    def folder_for(self, step: int) -> Path:
+        """Where the save point of ``step`` lives (whether or not it exists yet)."""
+        return self._layout.point_dir(_check_step(step))
+
     def verify(self) -> VerifyReport:
         """Verify every save point folder of the run."""
         return _verify_run(self.path)

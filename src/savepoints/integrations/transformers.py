@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 import math
 import types
 from collections.abc import Callable, Mapping
@@ -44,8 +43,6 @@ from savepoints.errors import InvalidArgumentError
 from savepoints.keep import Keep
 from savepoints.layout import MANIFEST_NAME
 from savepoints.manager import SavePoint, SavePoints
-
-log = logging.getLogger("savepoints")
 
 TRAINER_STATE_NAME = "trainer_state.json"
 # Eval outputs that describe speed, not quality: never recorded as metrics.
@@ -223,9 +220,10 @@ def _save_checkpoint(cb: SavePointsCallback, model: Any, trial: Any) -> None:
     if trainer.hp_search_backend is None and trial is None:
         trainer.store_flos()
     step = state.global_step
-    if state.best_global_step:
-        best = cb.points._layout.point_dir(state.best_global_step)
-        if state.best_global_step == step or best.is_dir():
+    best_step = getattr(state, "best_global_step", None)
+    if best_step:
+        best = cb.points.folder_for(best_step)
+        if best_step == step or best.is_dir():
             state.best_model_checkpoint = str(best)
     # As Trainer does: stateful callbacks (early stopping...) record their state in it.
     from transformers.trainer_callback import ExportableState
