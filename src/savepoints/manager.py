@@ -17,11 +17,14 @@ import platform
 import re
 import socket
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -59,7 +62,12 @@ class SavePoint:
 
     def __init__(self, path: Path, manifest: Manifest) -> None:
         self.path = path
-        self.manifest = manifest
+        self._manifest = manifest
+
+    @property
+    def manifest(self) -> Manifest:
+        """The parsed ``savepoint.json``."""
+        return self._manifest
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> SavePoint:
@@ -120,6 +128,35 @@ class SavePoint:
         return hash((str(self.path.resolve()), self.manifest.created))
 
 
+class PendingSave(SavePoint):
+    """What an asynchronous ``save()`` returns: ``step`` and ``path`` at once; anything
+    that needs the manifest (metrics, files, verify...) waits for the commit.
+    ``result()`` waits and returns the committed :class:`SavePoint`."""
+
+    def __init__(self, step: int, path: Path, future: Future[SavePoint]) -> None:
+        self.path = path
+        self._step = step
+        self._future = future
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.result().manifest
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> SavePoint:
+        return self._future.result(timeout)
+
+    def __repr__(self) -> str:
+        state = "committed" if self.done() else "in flight"
+        return f"PendingSave(step={self.step}, path={str(self.path)!r}, {state})"
+
+
 class SavePoints:
     """The save points of one run folder.
 
@@ -131,7 +168,12 @@ class SavePoints:
     Options: ``keep`` (retention, default keep all); ``max_shard_size`` (bytes per
     weights shard); ``layer_shards_above`` (weights of at least this many bytes are
     written one shard per layer, so unchanged layers are stored once; None turns it off);
-    ``dedup`` (store identical files once through hard links; on by default).
+    ``dedup`` (store identical files once through hard links; on by default);
+    ``async_save`` (``save()`` only snapshots the state into host buffers that are
+    allocated once and reused, and returns a :class:`PendingSave`; writing, hashing,
+    commit and retention run in a background thread, one save at a time); ``if_busy``
+    (what an asynchronous ``save()`` does while the previous one is still being written:
+    ``"wait"`` for it, or ``"skip"`` this save and return None).
     """
 
     def __init__(
@@ -143,6 +185,8 @@ class SavePoints:
         max_shard_size: int = components.DEFAULT_MAX_SHARD_BYTES,
         layer_shards_above: int | None = components.LAYER_SHARDS_ABOVE,
         dedup: bool = True,
+        async_save: bool = False,
+        if_busy: Literal["wait", "skip"] = "wait",
     ) -> None:
         if keep is not None and not isinstance(keep, Keep):
             raise InvalidArgumentError(
@@ -159,7 +203,16 @@ class SavePoints:
         # Integrations fill in a Keep from their own settings only when none was given.
         self._keep_given = keep is not None
         self.readonly = readonly
+        if if_busy not in ("wait", "skip"):
+            raise InvalidArgumentError(
+                f"if_busy={if_busy!r} is not allowed.", "Use if_busy='wait' or if_busy='skip'."
+            )
         self.max_shard_size = max_shard_size
+        self.async_save = async_save
+        self.if_busy = if_busy
+        self._buffers = components.HostBuffers()
+        self._inflight: PendingSave | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self.layer_shards_above = layer_shards_above
         self._layout = RunLayout(self.path)
         self._store = BlobStore(self._layout.blobs)
@@ -199,15 +252,40 @@ class SavePoints:
         self.close()
 
     def close(self) -> None:
-        """Release the run's write lock. Idempotent."""
-        if self._lock_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._lock_fd)
-            self._lock_fd = None
-        self._closed = True
+        """Finish the save in flight (raising its error, if it failed), then release the
+        run's write lock. Idempotent."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            if self._lock_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._lock_fd)
+                self._lock_fd = None
+            self._closed = True
+
+    def wait(self) -> SavePoint | None:
+        """Block until the asynchronous save in flight is committed, and return it (None
+        when nothing is in flight). A background failure is raised here, once."""
+        pending, self._inflight = self._inflight, None
+        return None if pending is None else pending.result()
+
+    @property
+    def busy(self) -> bool:
+        """Whether an asynchronous save is still being written."""
+        return self._inflight is not None and not self._inflight.done()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            # One worker: saves commit in order, and the snapshot buffers are reused only
+            # once the save that filled them is written.
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savepoints-save")
+        return self._pool
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(BaseException):
             self.close()
 
     def _acquire_lock(self) -> None:
@@ -240,6 +318,7 @@ class SavePoints:
                 f"Cannot {action}: this SavePoints for {self.path} was closed.",
                 "Open the run again with SavePoints(path).",
             )
+        self.wait()  # one writer at a time: the save in flight first (and its error)
 
     # ---------------------------------------------------------------- reading
 
@@ -399,6 +478,9 @@ class SavePoints:
         Returns the committed :class:`SavePoint`. If anything fails, nothing committed
         before is touched and no partial save point becomes visible.
         """
+        if self.if_busy == "skip" and self.busy:
+            log.info("savepoints: skipped save of step %s: the previous save is in flight", step)
+            return None  # type: ignore[return-value]
         self._check_writable("save")
         step = _check_step(step)
         clean_metrics = _check_metrics(metrics)
@@ -441,15 +523,58 @@ class SavePoints:
         overwrite: bool,
     ) -> SavePoint:
         """The commit protocol around ``write``, which fills the staging folder and returns
-        the manifest's ``contents``. Arguments are already checked."""
+        the manifest's ``contents``. Arguments are already checked.
+
+        Synchronous: everything happens here. Asynchronous: ``write`` only snapshots the
+        tensors into reused host buffers (and writes the small files); writing, hashing,
+        the manifest, the commit and retention run in the background thread."""
         started = time.perf_counter()
         final = self._layout.point_dir(step)
         existing = self._existing(final, step, overwrite)
         staging = self._layout.new_staging_dir(step)
+        buffers = self._buffers if self.async_save else None
         try:
             staging.mkdir(parents=True)
-            rec = components.FileRecorder(staging)
+            rec = components.FileRecorder(staging, buffers=buffers)
             contents = write(rec)
+            if buffers is not None:
+                buffers.synchronize()
+        except BaseException as e:
+            atomic.remove_tree(staging)
+            if isinstance(e, PermissionError):
+                raise RunNotWritableError(self.path, e.strerror or "permission denied") from e
+            raise
+        parent, self._parent = self._parent, step
+
+        def finish() -> SavePoint:
+            return self._finish(
+                step, rec, contents, final, existing, started,
+                metrics=metrics, state=state, tags=tags, parent=parent,
+            )  # fmt: skip
+
+        if buffers is None:
+            return finish()
+        self._inflight = PendingSave(step, final, self._executor().submit(finish))
+        _WITH_SAVES_IN_FLIGHT.add(self)
+        return self._inflight
+
+    def _finish(
+        self,
+        step: int,
+        rec: components.FileRecorder,
+        contents: dict[str, Any],
+        final: Path,
+        existing: bool,
+        started: float,
+        *,
+        metrics: dict[str, float],
+        state: dict[str, Any],
+        tags: tuple[str, ...],
+        parent: int | None,
+    ) -> SavePoint:
+        staging = rec.root
+        try:
+            rec.flush()
             self._store.intern_all(staging, rec.files)
             manifest = Manifest(
                 step=step,
@@ -458,7 +583,7 @@ class SavePoints:
                 metrics=metrics,
                 tags=tags,
                 state=state,
-                parent=self._parent,
+                parent=parent,
                 contents=contents,
                 versions=_versions(),
                 keep=dataclasses.asdict(self.keep),
@@ -469,10 +594,12 @@ class SavePoints:
             self._commit(staging, final, existing)
         except BaseException as e:
             atomic.remove_tree(staging)
+            if self.async_save:
+                # Never silent: logged now, raised again by the next save()/wait()/close().
+                log.error("savepoints: saving step %d in the background failed: %s", step, e)
             if isinstance(e, PermissionError):
                 raise RunNotWritableError(self.path, e.strerror or "permission denied") from e
             raise
-        self._parent = step
         point = SavePoint(final, manifest)
         log.info(
             "savepoints: committed step %d (%.1f MB in %.2f s) at %s",
@@ -638,6 +765,28 @@ class SavePoints:
 
 
 # -------------------------------------------------------------------------- helpers
+
+_WITH_SAVES_IN_FLIGHT: weakref.WeakSet[SavePoints] = weakref.WeakSet()
+
+
+def _finish_saves_at_exit() -> None:
+    """At interpreter exit, let asynchronous saves in flight commit. Registered with
+    threading's exit hooks, which run before thread pools stop taking work (atexit
+    would run too late). A save that cannot finish stays uncommitted, never visible."""
+    for points in list(_WITH_SAVES_IN_FLIGHT):
+        try:
+            points.wait()
+        except BaseException as e:  # already logged by the background thread
+            log.debug("savepoints: save in flight at exit failed: %s", e)
+
+
+_register = getattr(threading, "_register_atexit", None)
+if _register is not None:
+    _register(_finish_saves_at_exit)
+else:  # pragma: no cover - very old or unusual Pythons
+    import atexit
+
+    atexit.register(_finish_saves_at_exit)
 
 
 def _restore_into(

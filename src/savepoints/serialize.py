@@ -156,8 +156,11 @@ class _HashPipe:
         self._wait()
         if len(chunk) < _PIPELINE_MIN:
             self.hasher.update(chunk)
-        else:
+            return
+        try:
             self.pending = _pool().submit(self.hasher.update, chunk)
+        except RuntimeError:  # interpreter shutting down: no new threads; hash in line
+            self.hasher.update(chunk)
 
     def finish(self) -> None:
         self._wait()
