@@ -120,3 +120,15 @@ def test_interpreter_exit_finishes_the_save_in_flight(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     with SavePoints(tmp_path / "run", readonly=True) as points:
         assert [p.step for p in points.list()] == [7] and points.latest().verify()
+
+
+def test_async_saves_apply_retention_in_the_background(tmp_path):
+    from savepoints import Keep
+
+    net, _ = net_and_opt()
+    with SavePoints(tmp_path / "run", async_save=True, keep=Keep(last=2)) as points:
+        for step in range(1, 6):
+            points.save(step, model=net)
+        points.wait()
+        assert [p.step for p in points.list()] == [4, 5]
+        assert points.usage().garbage == 0

@@ -43,14 +43,20 @@ def same_file_tensors(a: Path, b: Path) -> bool:
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-@pytest.mark.parametrize("stop_at", [12, 8], ids=["mid-epoch", "epoch-boundary"])
-def test_interrupted_trainer_resumes_bit_exactly(tokenizer_dir, tmp_path, straight, stop_at):
+@pytest.mark.parametrize(
+    ("stop_at", "mode"),
+    [(12, "sync"), (8, "sync"), (12, "async")],
+    ids=["mid-epoch", "epoch-boundary", "mid-epoch-async-saves"],
+)
+def test_interrupted_trainer_resumes_bit_exactly(tokenizer_dir, tmp_path, straight, stop_at, mode):
     base, expected = straight
+    flags = ["--async-save"] if mode == "async" else []
     first, _ = train(
-        tokenizer_dir, tmp_path / "run", tmp_path / "first.safetensors", "--stop-at", str(stop_at)
-    )
+        tokenizer_dir, tmp_path / "run", tmp_path / "first.safetensors", "--stop-at", str(stop_at),
+        *flags,
+    )  # fmt: skip
     assert [s for s, _ in first["losses"]][-1] == stop_at
-    second, log = train(tokenizer_dir, tmp_path / "run", tmp_path / "final.safetensors")
+    second, log = train(tokenizer_dir, tmp_path / "run", tmp_path / "final.safetensors", *flags)
     assert f"resuming from {tmp_path / 'run' / f'step-{stop_at:08d}'}" in log
     assert second["losses"] == expected["losses"]  # the whole loss curve, exactly
     assert same_file_tensors(tmp_path / "final.safetensors", base / "final.safetensors")
@@ -83,6 +89,7 @@ def test_retention_follows_training_arguments(tokenizer_dir, tmp_path):
         "--save-total-limit",
         "2",
         "--load-best",
+        "--async-save",
     )
     with SavePoints(tmp_path / "run", readonly=True) as points:
         steps = [p.step for p in points.list()]

@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--load-best", action="store_true")
     ap.add_argument("--save-total-limit", type=int)
     ap.add_argument("--save-strategy", default="steps")
+    ap.add_argument("--async-save", action="store_true")
     ap.add_argument(
         "--plain",
         action="store_true",
@@ -127,7 +128,9 @@ def main() -> None:
         disable_tqdm=True,
     )
     points = None if args.plain else SavePoints(args.run)
-    callbacks: list = [] if points is None else [SavePointsCallback(points)]
+    callbacks: list = (
+        [] if points is None else [SavePointsCallback(points, async_save=args.async_save)]
+    )
     if args.stop_at:
         callbacks.append(StopAt(args.stop_at))
     trainer = Trainer(

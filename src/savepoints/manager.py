@@ -269,6 +269,8 @@ class SavePoints:
     def wait(self) -> SavePoint | None:
         """Block until the asynchronous save in flight is committed, and return it (None
         when nothing is in flight). A background failure is raised here, once."""
+        if threading.current_thread().name.startswith(_WORKER_PREFIX):
+            return None  # called from the save itself (retention): never wait for oneself
         pending, self._inflight = self._inflight, None
         return None if pending is None else pending.result()
 
@@ -281,7 +283,7 @@ class SavePoints:
         if self._pool is None:
             # One worker: saves commit in order, and the snapshot buffers are reused only
             # once the save that filled them is written.
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savepoints-save")
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_WORKER_PREFIX)
         return self._pool
 
     def __del__(self) -> None:
@@ -676,7 +678,8 @@ class SavePoints:
         for step in doomed:
             self._delete(step)
         if doomed:
-            self.gc()
+            # Not gc(): this may run in the background thread, which must not wait for itself.
+            self._store.collect()
 
     @property
     def dedup(self) -> bool:
@@ -767,6 +770,7 @@ class SavePoints:
 # -------------------------------------------------------------------------- helpers
 
 _WITH_SAVES_IN_FLIGHT: weakref.WeakSet[SavePoints] = weakref.WeakSet()
+_WORKER_PREFIX = "savepoints-save"
 
 
 def _finish_saves_at_exit() -> None:

@@ -82,16 +82,26 @@ class SavePointsCallback(TrainerCallback):
 
     ``points``: the run to write into. When it was opened without a ``Keep``, retention
     follows ``save_total_limit``, ``metric_for_best_model`` and ``greater_is_better``.
-    ``state``: JSON values added to every save point's user state.
+    ``state``: JSON values added to every save point's user state. ``async_save``: write
+    save points in the background (training waits only for the snapshot); the default
+    is the SavePoints' own setting.
     """
 
-    def __init__(self, points: SavePoints, *, state: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        points: SavePoints,
+        *,
+        state: Mapping[str, Any] | None = None,
+        async_save: bool | None = None,
+    ) -> None:
         if not isinstance(points, SavePoints):
             raise InvalidArgumentError(
                 f"SavePointsCallback needs a SavePoints, not {type(points).__name__}.",
                 "Pass SavePointsCallback(SavePoints('runs/my-run')).",
             )
         self.points = points
+        if async_save is not None:
+            points.async_save = async_save
         self.state = dict(state or {})
         self.trainer: Any = None
         self._last_eval: tuple[int, dict[str, float]] | None = None
@@ -124,6 +134,13 @@ class SavePointsCallback(TrainerCallback):
             )
         }
         trainer._save_checkpoint = types.MethodType(_save_checkpoint, self)
+        original_load_best = trainer._load_best_model
+
+        def load_best_model() -> Any:
+            self.points.wait()  # the best save point may still be on its way to disk
+            return original_load_best()
+
+        trainer._load_best_model = load_best_model
         for name in ("_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_rng_state",
                      "_load_scaler"):  # fmt: skip
             setattr(trainer, name, types.MethodType(_LOADERS[name], self))
@@ -152,6 +169,9 @@ class SavePointsCallback(TrainerCallback):
                     "before trainer.train().",
                 )
             self.attach(trainer)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.points.wait()
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any
