@@ -28,7 +28,13 @@ from savepoints.errors import StateMismatchError, UnserializableStateError
 from savepoints.integrity import StreamHasher, hash_file
 from savepoints.layout import TRAINING_STATE_DIR
 from savepoints.manifest import FileEntry
-from savepoints.serialize import decode_tree, encode_tree, read_safetensors, write_safetensors
+from savepoints.serialize import (
+    DTYPE_FROM_NAME,
+    decode_tree,
+    encode_tree,
+    read_safetensors,
+    write_safetensors,
+)
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -371,29 +377,47 @@ def read_model_tensors(folder: Path, info: Mapping[str, Any]) -> dict[str, torch
 
 
 def restore_model(model: torch.nn.Module, folder: Path, info: Mapping[str, Any]) -> None:
+    """Copy a save point's weights into ``model``, in place.
+
+    Everything is checked from the safetensors headers first (names, shapes, dtypes), so
+    a mismatch changes nothing; then each tensor is read from the memory-mapped file and
+    copied straight into the live parameter, one at a time: the extra memory is one
+    tensor, not a second model."""
+    from safetensors import safe_open
+
     model = unwrap_model(model)
-    loaded = read_model_tensors(folder, info)
+    saved: dict[str, tuple[str, tuple[int, ...], torch.dtype | None]] = {}
+    for rel in info.get("files", [WEIGHTS_NAME]):
+        if rel.endswith(".safetensors"):
+            with safe_open(str(folder / rel), "pt") as f:
+                for k in f.keys():  # noqa: SIM118
+                    sl = f.get_slice(k)
+                    saved[k] = (rel, tuple(sl.get_shape()), DTYPE_FROM_NAME.get(sl.get_dtype()))
     live = model.state_dict()
     aliases: dict[str, str] = {}
     for group in alias_groups(live):
-        present = [n for n in group if n in loaded]
+        present = [n for n in group if n in saved]
         for name in group:
-            if name not in loaded and present:
+            if name not in saved and present:
                 aliases[name] = present[0]
-    missing = sorted(k for k in live if k not in loaded and k not in aliases)
-    unexpected = sorted(k for k in loaded if k not in live)
+    missing = sorted(k for k in live if k not in saved and k not in aliases)
+    unexpected = sorted(k for k in saved if k not in live)
     mismatched = sorted(
-        f"{k} (saved {tuple(loaded[k].shape)} {loaded[k].dtype}, "
-        f"model {tuple(live[k].shape)} {live[k].dtype})"
-        for k in loaded
-        if k in live and (loaded[k].shape != live[k].shape or loaded[k].dtype != live[k].dtype)
+        f"{k} (saved {shape} {dtype}, model {tuple(live[k].shape)} {live[k].dtype})"
+        for k, (_, shape, dtype) in saved.items()
+        if k in live and (shape != tuple(live[k].shape) or dtype != live[k].dtype)
     )
     if missing or unexpected or mismatched:
         raise StateMismatchError("model", folder, missing, unexpected, mismatched)
     # In place, so parameters keep their identity and the optimizer's references stay valid.
+    by_file: dict[str, list[str]] = {}
+    for name, (rel, _, _) in saved.items():
+        by_file.setdefault(rel, []).append(name)
     with torch.no_grad():
-        for name, tensor in loaded.items():
-            live[name].copy_(tensor)
+        for rel, names in by_file.items():
+            with safe_open(str(folder / rel), "pt") as f:
+                for name in names:
+                    live[name].copy_(f.get_tensor(name))
 
 
 # --------------------------------------------------------------------------------------

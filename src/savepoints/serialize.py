@@ -56,6 +56,8 @@ for _name, _code in (
     if hasattr(torch, _name):
         _DTYPE_NAMES[getattr(torch, _name)] = _code
 
+DTYPE_FROM_NAME: dict[str, torch.dtype] = {code: dtype for dtype, code in _DTYPE_NAMES.items()}
+
 # Writes go out in pieces of this size: large enough for sequential throughput, small
 # enough that hashing one piece overlaps well with the kernel writing the previous one.
 _CHUNK = 64 * 1024 * 1024
