@@ -89,6 +89,15 @@ class FileRecorder:
     pending: list[tuple[str, dict[str, torch.Tensor], Mapping[str, str] | None]] = field(
         default_factory=list
     )
+    #: Small files written but not yet fsynced: with buffers, fsync waits for the
+    #: background too (on a busy disk one fsync can take seconds).
+    unsynced: list[Path] = field(default_factory=list)
+
+    def _sync_or_defer(self, f: Any, path: Path) -> None:
+        if self.buffers is None:
+            os.fsync(f.fileno())
+        else:
+            self.unsynced.append(path)
 
     def path(self, rel: str) -> Path:
         p = self.root / rel
@@ -105,10 +114,13 @@ class FileRecorder:
         self._write_tensor_file(rel, {k: v.detach().cpu() for k, v in tensors.items()}, metadata)
 
     def flush(self) -> None:
-        """Write the tensor files whose snapshots were deferred."""
+        """Write the tensor files whose snapshots were deferred, fsync deferred files."""
         while self.pending:
             rel, tensors, metadata = self.pending.pop(0)
             self._write_tensor_file(rel, tensors, metadata)
+        while self.unsynced:
+            with open(self.unsynced.pop(), "rb") as f:
+                os.fsync(f.fileno())
 
     def _write_tensor_file(
         self, rel: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
@@ -125,7 +137,7 @@ class FileRecorder:
         with open(path, "xb") as f:
             f.write(raw)
             f.flush()
-            os.fsync(f.fileno())
+            self._sync_or_defer(f, path)
         h = StreamHasher()
         h.update(raw)
         self.files[rel] = FileEntry(len(raw), h.hexdigest())
@@ -154,7 +166,7 @@ class FileRecorder:
                         f"{rel} was written as a symbolic link; save points hold files only"
                     )
                 with open(full, "rb") as f:
-                    os.fsync(f.fileno())
+                    self._sync_or_defer(f, full)
                 size, digest = hash_file(full)
                 self.files[rel] = FileEntry(size, digest)
                 added.append(rel)
