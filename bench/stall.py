@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import random
 import shutil
 import statistics
@@ -43,7 +44,10 @@ from savepoints import Keep, SavePoints
 
 
 def timed(fn) -> float:
+    """Seconds ``fn`` takes, starting with no dirty pages (each variant pays for its own
+    writes, not for what the previous one left in the page cache)."""
     gc.collect()
+    os.sync()
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
