@@ -241,3 +241,14 @@ def test_lora_adapter_run_stores_the_base_once_in_peft_layout(tmp_path):
             torch.equal(a, b)
             for a, b in zip(fresh.state_dict().values(), model.state_dict().values())
         )
+
+
+def test_interning_a_file_that_already_is_the_blob_leaves_nothing_behind(tmp_path):
+    points = save_head_only_run(tmp_path / "run", n=1)
+    sp = points.latest()
+    from savepoints.store import BlobStore
+
+    store = BlobStore(tmp_path / "run" / ".savepoints" / "blobs")
+    assert store.intern_all(sp.path, sp.manifest.files) == len(sp.manifest.files)
+    assert sp.verify()  # no stray temporary links
+    points.close()

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from savepoints import atomic, components
+from savepoints.compact import require_plain
 from savepoints.errors import InvalidArgumentError
 from savepoints.layout import MANIFEST_NAME, TRAINING_STATE_DIR
 from savepoints.manager import SavePoint, __version__
@@ -67,6 +68,7 @@ def export(
             f"Save point {point.path} holds no model to export.",
             "Export a save point saved with model=...",
         )
+    require_plain(point.path, point.manifest, "export")
     if verify:
         point.verify().raise_if_failed()
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"

@@ -54,6 +54,8 @@ class BlobStore:
         blob = self.blob_path(entry.hash)
         try:
             if blob.exists() and blob.stat().st_size == entry.size:
+                if os.path.samefile(blob, path):
+                    return True  # already a link to it
                 # Swap the new copy for a link to the stored bytes (same content: hash).
                 tmp = path.with_name(path.name + ".link")
                 os.link(blob, tmp)

@@ -108,3 +108,34 @@ def gc_cmd(run: Path) -> None:
     with SavePoints(run) as points:
         blobs, freed = points.gc()
     console.print(f"[green]✓[/] freed {human_bytes(freed)} in {blobs} unreferenced blob(s)")
+
+
+def _compact(run: Path, steps: tuple[str, ...], expand: bool) -> None:
+    from savepoints.cli.inspect import human_bytes
+
+    with SavePoints(run) as points:
+        for s in steps:
+            before = points.get(_step_or_tag(s)).size
+            after = points.compact(_step_or_tag(s), expand=expand)
+            verb = "expanded" if expand else "compacted"
+            console.print(
+                f"[green]✓[/] {verb} step {after.step}: {human_bytes(before)} → "
+                f"{human_bytes(after.size)} ({before / max(after.size, 1):.2f}x)"
+            )
+
+
+@cli.command("compact")
+@click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("steps", nargs=-1, required=True)
+def compact_cmd(run: Path, steps: tuple[str, ...]) -> None:
+    """Compress save points STEPS of RUN losslessly (byte grouping + zstd) for keeping.
+    `restore()` reads them as they are; `expand` makes them loadable by from_pretrained."""
+    _compact(run, steps, expand=False)
+
+
+@cli.command("expand")
+@click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("steps", nargs=-1, required=True)
+def expand_cmd(run: Path, steps: tuple[str, ...]) -> None:
+    """Rebuild compacted save points STEPS of RUN into plain, byte-identical files."""
+    _compact(run, steps, expand=True)

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from savepoints.cli import cli
 from savepoints.cli.inspect import print_points_table
+from savepoints.compact import require_plain
 from savepoints.errors import InvalidArgumentError, SavePointNotFoundError
 from savepoints.layout import MANIFEST_NAME
 from savepoints.manager import SavePoint, SavePoints
@@ -237,6 +238,7 @@ def predict_cmd(
 
     hf_logging.disable_progress_bar()
     point = resolve_point(target, step, latest)
+    require_plain(point.path, point.manifest, "predict")
     inputs = read_texts(texts, file)
     if not no_verify:
         point.verify().raise_if_failed()

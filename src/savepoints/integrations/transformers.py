@@ -39,6 +39,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from savepoints import components
+from savepoints.compact import require_plain
 from savepoints.errors import InvalidArgumentError
 from savepoints.keep import Keep
 from savepoints.layout import MANIFEST_NAME
@@ -198,6 +199,7 @@ class SavePointsCallback(TrainerCallback):
     def _savepoint(self, folder: str) -> SavePoint:
         """Open a save point to resume from, verifying it once per process."""
         point = SavePoint.open(folder)
+        require_plain(point.path, point.manifest, "resume a Trainer")
         if point.path not in self._verified:
             point.verify().raise_if_failed()
             self._verified.add(point.path)
