@@ -497,8 +497,10 @@ class SavePoints:
         ``restore(extra=...)``. ``files`` places small extra files in the folder as
         they are (e.g. ``trainer_state.json``); they are hashed and verified like the rest.
 
-        Returns the committed :class:`SavePoint`. If anything fails, nothing committed
-        before is touched and no partial save point becomes visible.
+        Returns the committed :class:`SavePoint`; with ``async_save``, a
+        :class:`PendingSave` as soon as the snapshot is taken (or None when
+        ``if_busy="skip"`` drops this save). If anything fails, nothing committed before
+        is touched and no partial save point becomes visible.
         """
         if self.if_busy == "skip" and self.busy:
             log.info("savepoints: skipped save of step %s: the previous save is in flight", step)
