@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from savepoints.errors import (
     CorruptSavePointError,
+    DiskFullError,
     InvalidArgumentError,
     ManifestError,
     MetricNotFoundError,
@@ -31,6 +32,7 @@ from savepoints.manager import SavePoint, SavePoints, __version__, verify
 
 __all__ = [
     "CorruptSavePointError",
+    "DiskFullError",
     "InvalidArgumentError",
     "Keep",
     "ManifestError",

@@ -57,6 +57,21 @@ class RunNotWritableError(SavePointsError, PermissionError):
         )
 
 
+class DiskFullError(SavePointsError, OSError):
+    """The file system ran out of space while a save point was written."""
+
+    def __init__(self, path: Path, step: int) -> None:
+        self.path = path
+        self.step = step
+        super().__init__(
+            f"No space left on the device of {path} while saving step {step}; the partial "
+            "save point was removed and every earlier one is intact.",
+            "Free space (savepoints gc RUN, savepoints rm RUN STEP..., or a Keep(last=...)) "
+            "and save again; training can go on meanwhile.",
+        )
+        self.errno = 28  # ENOSPC
+
+
 class RunLockedError(SavePointsError, BlockingIOError):
     """Another process has the run open for writing."""
 

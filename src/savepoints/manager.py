@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import platform
@@ -19,18 +20,20 @@ import socket
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 
 from savepoints import atomic, components
 from savepoints import keep as keep_mod
 from savepoints.errors import (
+    DiskFullError,
     InvalidArgumentError,
     MetricNotFoundError,
     NotARunError,
@@ -565,9 +568,7 @@ class SavePoints:
                 buffers.synchronize()
         except BaseException as e:
             atomic.remove_tree(staging)
-            if isinstance(e, PermissionError):
-                raise RunNotWritableError(self.path, e.strerror or "permission denied") from e
-            raise
+            _raise_clearly(e, self.path, step)
         parent, self._parent = self._parent, step
 
         def finish() -> SavePoint:
@@ -621,9 +622,7 @@ class SavePoints:
             if self.async_save:
                 # Never silent: logged now, raised again by the next save()/wait()/close().
                 log.error("savepoints: saving step %d in the background failed: %s", step, e)
-            if isinstance(e, PermissionError):
-                raise RunNotWritableError(self.path, e.strerror or "permission denied") from e
-            raise
+            _raise_clearly(e, self.path, step)
         point = SavePoint(final, manifest)
         log.info(
             "savepoints: committed step %d (%.1f MB in %.2f s) at %s",
@@ -750,22 +749,43 @@ class SavePoints:
         rng: bool = True,
         extra: Mapping[str, Any] | None = None,
         verify: bool = True,
+        fallback: bool = True,
     ) -> dict[str, Any]:
         """Load a save point into live objects and return its user ``state``.
 
         ``savepoint`` is a :class:`SavePoint`, a step, a folder path, or None for the
         latest. Every file is verified first (``verify=False`` skips that), and every
-        object is checked to fit before any of them is changed.
+        object is checked to fit before any of them is changed. When the latest is asked
+        for and it fails verification, the newest save point that verifies is restored
+        instead, with a warning naming what was wrong (``fallback=False`` raises).
         """
         point = self._resolve(savepoint)
         if verify:
-            point.verify().raise_if_failed()
+            report = point.verify()
+            if not report.ok and savepoint is None and fallback:
+                point = self._newest_verifying(point, report)
+            elif not report.ok:
+                report.raise_if_failed()
         _restore_into(
             point, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng,
             extra=dict(extra or {}),
         )  # fmt: skip
         self._parent = point.step
         return point.state
+
+    def _newest_verifying(self, bad: SavePoint, report: VerifyReport) -> SavePoint:
+        problems = "; ".join(str(p) for p in report.all_problems()[:5])
+        for candidate in reversed(self.list()):
+            if candidate.step < bad.step and candidate.verify().ok:
+                warnings.warn(
+                    f"savepoints: the latest save point (step {bad.step}, {bad.path}) failed "
+                    f"verification ({problems}); restoring step {candidate.step}, the newest "
+                    "that verifies. Pass fallback=False to get an error instead.",
+                    stacklevel=3,
+                )
+                return candidate
+        report.raise_if_failed()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _resolve(self, savepoint: SavePoint | int | str | os.PathLike[str] | None) -> SavePoint:
         if isinstance(savepoint, SavePoint):
@@ -813,6 +833,15 @@ else:  # pragma: no cover - very old or unusual Pythons
     import atexit
 
     atexit.register(_finish_saves_at_exit)
+
+
+def _raise_clearly(e: BaseException, run: Path, step: int) -> NoReturn:
+    """Re-raise an error of a failed save as the typed error a user can act on."""
+    if isinstance(e, PermissionError):
+        raise RunNotWritableError(run, e.strerror or "permission denied") from e
+    if isinstance(e, OSError) and not isinstance(e, SavePointsError) and e.errno == errno.ENOSPC:
+        raise DiskFullError(run, step) from e
+    raise e
 
 
 def _restore_into(

@@ -1,0 +1,130 @@
+"""Reliability: corruption sweep, fallback on restore, full disks, locks of dead writers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+import torch
+
+from savepoints import CorruptSavePointError, DiskFullError, SavePoints
+
+
+def small_run(path, n=2):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(16, 4)
+    opt = torch.optim.AdamW(net.parameters())
+    points = SavePoints(path)
+    for step in range(1, n + 1):
+        net(torch.randn(2, 16)).sum().backward()
+        opt.step()
+        points.save(step, model=net, optimizer=opt, state={"step": step})
+    return points, net, opt
+
+
+def test_every_single_byte_change_truncation_deletion_and_extra_file_is_detected(tmp_path):
+    points, _, _ = small_run(tmp_path / "run", n=1)
+    sp = points.latest()
+    pristine = tmp_path / "pristine"
+    shutil.copytree(sp.path, pristine)
+    injected = detected = 0
+    for rel, entry in sp.manifest.files.items():
+        for offset in sorted({0, entry.size // 2, entry.size - 1}):
+            for mutate in ("flip", "truncate", "delete", "extra"):
+                shutil.rmtree(sp.path)
+                shutil.copytree(pristine, sp.path)
+                target = sp.path / rel
+                if mutate == "flip":
+                    data = bytearray(target.read_bytes())
+                    data[offset] ^= 0x01
+                    target.write_bytes(bytes(data))
+                elif mutate == "truncate":
+                    target.write_bytes(target.read_bytes()[:offset])
+                elif mutate == "delete":
+                    target.unlink()
+                else:
+                    (sp.path / f"extra-{uuid.uuid4().hex[:6]}").write_bytes(b"x")
+                injected += 1
+                detected += not sp.verify().ok
+    assert injected > 0 and detected == injected
+    points.close()
+
+
+def test_restore_of_the_latest_falls_back_to_the_newest_that_verifies(tmp_path):
+    points, net, opt = small_run(tmp_path / "run", n=3)
+    (points.get(3).path / "model.safetensors").chmod(0o644)
+    with open(points.get(3).path / "model.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\xff")
+    with pytest.warns(UserWarning, match=r"step 3.*altered.*restoring step 2"):
+        state = points.restore(model=net, optimizer=opt)
+    assert state == {"step": 2}
+    with pytest.raises(CorruptSavePointError):
+        points.restore(model=net, fallback=False)
+    with pytest.raises(CorruptSavePointError):
+        points.restore(3, model=net)  # an explicit step never silently becomes another
+    points.close()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 2 MiB tmpfs, when this machine lets us mount one (root in a container)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True
+        ).returncode
+    ):
+        pytest.skip("cannot mount a size-limited tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_full_disk_fails_clearly_keeps_earlier_save_points_and_training_goes_on(tiny_fs):
+    small = torch.nn.Linear(64, 64)  # ~17 KB
+    big = torch.nn.Linear(1024, 1024)  # ~4 MB: does not fit
+    with SavePoints(tiny_fs / "run") as points:
+        points.save(1, model=small)
+        with pytest.raises(DiskFullError, match="No space left") as err:
+            points.save(2, model=big)
+        assert isinstance(err.value, OSError) and err.value.errno == 28
+        assert "intact" in str(err.value) and "gc" in str(err.value)
+        assert [p.step for p in points.list()] == [1] and points.latest().verify()
+        assert not any((tiny_fs / "run" / ".savepoints" / "staging").iterdir())
+        points.save(3, model=small)  # space is back: saving goes on
+        assert [p.step for p in points.list()] == [1, 3]
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from savepoints import SavePoints
+    points = SavePoints(sys.argv[1])
+    print("locked", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_the_lock_of_a_killed_writer_is_recovered(tmp_path):
+    script = tmp_path / "holder.py"
+    script.write_text(_HOLDER)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    from savepoints import RunLockedError
+
+    with pytest.raises(RunLockedError, match=f"pid {proc.pid}"):
+        SavePoints(tmp_path / "run")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with SavePoints(tmp_path / "run") as points:  # the kernel released the dead lock
+        points.save(1)
