@@ -57,12 +57,11 @@ def hf_resume(folder: Path, model, optimizer, scheduler) -> None:
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    np_core = getattr(np, "_core", None) or np.core
-    allowed = [np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    with torch.serialization.safe_globals(allowed):
-        rng = torch.load(folder / "rng_state.pth", weights_only=True)
+    from savepoints.hf_import import _weights_only_load  # as Trainer loads: weights only
+
+    optimizer.load_state_dict(_weights_only_load(folder / "optimizer.pt"))
+    scheduler.load_state_dict(_weights_only_load(folder / "scheduler.pt"))
+    rng = _weights_only_load(folder / "rng_state.pth")
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["cpu"])

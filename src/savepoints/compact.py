@@ -22,7 +22,9 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ import numpy as np
 
 from savepoints import atomic
 from savepoints.errors import InvalidArgumentError
-from savepoints.integrity import StreamHasher
+from savepoints.integrity import hash_file
 from savepoints.layout import MANIFEST_NAME
 from savepoints.manifest import FileEntry, Manifest, write_manifest
 
@@ -132,15 +134,15 @@ def compacted(manifest: Manifest) -> dict[str, dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def expanded_view(folder: Path, manifest: Manifest, scratch: Path) -> Iterator[Path]:
+def expanded_view(folder: Path, manifest: Manifest) -> Iterator[Path]:
     """A folder in which a compacted save point reads like the original: hard links (or
-    copies) of its plain files and decompressed, verified originals of the rest."""
+    copies) of its plain files and decompressed, verified originals of the rest. A plain
+    save point is its own view (nothing is written)."""
     packed = compacted(manifest)
     if not packed:
         yield folder
         return
-    view = scratch / f"expand-{os.getpid()}-{id(manifest)}"
-    view.mkdir(parents=True)
+    view = Path(tempfile.mkdtemp(prefix="savepoints-expand-"))
     try:
         for rel in manifest.files:
             if rel in packed:
@@ -161,8 +163,6 @@ def expanded_view(folder: Path, manifest: Manifest, scratch: Path) -> Iterator[P
 
 
 def _check(path: Path, info: dict[str, Any]) -> None:
-    from savepoints.integrity import hash_file
-
     size, digest = hash_file(path)
     if size != info["size"] or digest != info["hash"]:
         from savepoints.errors import CorruptSavePointError
@@ -200,7 +200,7 @@ def rewrite(folder: Path, manifest: Manifest, staging: Path, compress: bool) -> 
         if compress:
             out = staging / (rel + SUFFIX)
             compress_file(folder / rel, out)
-            files[rel + SUFFIX] = _entry(out)
+            files[rel + SUFFIX] = FileEntry(*hash_file(out))
             new_packed[rel + SUFFIX] = {"of": rel, "size": entry.size, "hash": entry.hash}
         else:
             original = packed[rel]["of"]
@@ -214,18 +214,8 @@ def rewrite(folder: Path, manifest: Manifest, staging: Path, compress: bool) -> 
         contents["compacted"] = new_packed
     else:
         contents.pop("compacted", None)
-    from dataclasses import replace
-
     new = replace(manifest, files=files, contents=contents)
     atomic.fsync_tree(staging)
     write_manifest(staging, new, MANIFEST_NAME)
     atomic.fsync_dir(staging)
     return new
-
-
-def _entry(path: Path) -> FileEntry:
-    h = StreamHasher()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 * 1024 * 1024):
-            h.update(chunk)
-    return FileEntry(h.size, h.hexdigest())

@@ -94,7 +94,3 @@ class RunLayout:
                 found.append((step, entry))
         found.sort()
         yield from found
-
-
-def is_savepoint_dir(path: Path) -> bool:
-    return (path / MANIFEST_NAME).is_file()

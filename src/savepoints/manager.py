@@ -865,14 +865,9 @@ def _restore_into(
             "Restore without " + ", ".join(f"{a}=..." for a in absent) + ", or save with "
             "save(..., " + ", ".join(f"{a}=..." for a in absent) + ").",
         )
-    import tempfile
-
     from savepoints.compact import expanded_view
 
-    with (
-        tempfile.TemporaryDirectory(prefix="savepoints-") as scratch,
-        expanded_view(point.path, point.manifest, Path(scratch)) as folder,
-    ):
+    with expanded_view(point.path, point.manifest) as folder:
         # A compacted save point reads through a view with its originals rebuilt.
         if model is not None:
             components.restore_model(model, folder, contents["model"])
