@@ -7,6 +7,10 @@ bit-identical weights to a run that was never interrupted.
     python examples/resume_plain_loop.py --run runs/plain --steps 40 --stop-after 17
     python examples/resume_plain_loop.py --run runs/plain --steps 40   # resumes at 17
 
+Preemption: SIGTERM or SIGUSR1 (what Kubernetes and SLURM send before they kill a job)
+makes the loop take an emergency save point at the end of the current step and exit with
+code 75; running the command again resumes there, exactly.
+
 What makes it exact: savepoints restores the weights, AdamW's state, the warmup
 schedule and every RNG (Python, NumPy, torch; dropout draws from torch's), and the loop
 saves its data position (epoch, batch) as user state. The shuffle order of each epoch
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 
 from savepoints import Keep, SavePoints
+from savepoints.preemption import Preemption
 
 VOCAB, CLASSES, SEQ, N_EXAMPLES, BATCH = 200, 3, 12, 64, 8
 
@@ -69,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", help="write the final weights here (safetensors)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--deadline", type=float, default=25.0, help="seconds to save after SIGTERM/SIGUSR1"
+    )
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -78,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     x, y = dataset()
     batches_per_epoch = N_EXAMPLES // BATCH
 
-    with SavePoints(args.run, keep=Keep(last=2)) as points:
+    with (
+        SavePoints(args.run, keep=Keep(last=2)) as points,
+        Preemption(deadline=args.deadline) as preemption,
+    ):
         step, epoch, batch = 0, 0, 0
         if points.latest() is not None:
             state = points.restore(model=model, optimizer=optimizer, scheduler=scheduler)
@@ -103,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                 step += 1
                 batch += 1
                 print(json.dumps({"step": step, "loss": loss.item()}), flush=True)
-                if step % args.save_every == 0 or step == args.stop_after:
+                stop = step == args.stop_after or preemption.requested
+                if step % args.save_every == 0 or stop:
                     points.save(
                         step,
                         model=model,
@@ -112,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                         metrics={"train_loss": loss.item()},
                         state={"step": step, "epoch": epoch, "batch": batch},
                     )
+                if preemption.requested:
+                    preemption.exit(points)  # exit code 75 once the save point is committed
                 if step == args.stop_after:
                     print(f"# stopping after step {step}; run again to resume", file=sys.stderr)
                     return 0

@@ -44,11 +44,29 @@ def sp(*args: str, **kw) -> subprocess.CompletedProcess:
 TRAIN = ("--epochs", "3", "--max-length", "48", "--batch-size", "16", "--save-every", "5")
 
 
-def test_train_killed_with_sigkill_resumes_and_ends_bit_exact(tweets, tmp_path):
+@pytest.fixture(scope="module")
+def straight(tweets, tmp_path_factory) -> Path:
+    """An uninterrupted `savepoints train` run to compare interrupted ones with."""
     train, valid = tweets
-    straight = sp("train", train, "--eval", valid, "--run", tmp_path / "straight", *TRAIN)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    assert "save point committed at step 5" in straight.stdout
+    run = tmp_path_factory.mktemp("straight") / "run"
+    done = sp("train", train, "--eval", valid, "--run", run, *TRAIN)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "save point committed at step 5" in done.stdout
+    return run
+
+
+def assert_same_run(run: Path, straight: Path) -> None:
+    with SavePoints(run, readonly=True) as a, SavePoints(straight, readonly=True) as b:
+        assert [p.step for p in a.list()] == [p.step for p in b.list()]
+        wa = load_file(a.latest().path / "model.safetensors")
+        wb = load_file(b.latest().path / "model.safetensors")
+        assert all(wa[k].equal(wb[k]) for k in wa)
+        assert a.best().step == b.best().step
+        assert a.best().metrics == b.best().metrics
+
+
+def test_train_killed_with_sigkill_resumes_and_ends_bit_exact(tweets, tmp_path, straight):
+    train, valid = tweets
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "savepoints", "train", str(train), "--eval", str(valid),
@@ -67,16 +85,7 @@ def test_train_killed_with_sigkill_resumes_and_ends_bit_exact(tweets, tmp_path):
     again = sp("train", train, "--eval", valid, "--run", tmp_path / "run", *TRAIN)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"Resuming from the save point at step {resumed_from}" in " ".join(again.stdout.split())
-    with (
-        SavePoints(tmp_path / "run", readonly=True) as a,
-        SavePoints(tmp_path / "straight", readonly=True) as b,
-    ):
-        assert [p.step for p in a.list()] == [p.step for p in b.list()]
-        wa = load_file(a.latest().path / "model.safetensors")
-        wb = load_file(b.latest().path / "model.safetensors")
-        assert all(wa[k].equal(wb[k]) for k in wa)
-        assert a.best().step == b.best().step
-        assert a.best().metrics == b.best().metrics
+    assert_same_run(tmp_path / "run", straight)
 
 
 def test_train_refuses_changed_settings_on_resume(tweets, tmp_path):
@@ -243,8 +252,7 @@ def test_gpt2_model_folder_without_pad_token_gets_one(tweets, tmp_path):
     assert config["pad_token_id"] is not None and config["id2label"]["2"] == "positive"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_interrupted_train_says_how_to_resume_and_resumes(tweets, tmp_path, sig):
+def test_ctrl_c_in_train_says_how_to_resume_and_resumes(tweets, tmp_path):
     train, valid = tweets
     args = [sys.executable, "-m", "savepoints", "train", str(train), "--eval", str(valid),
             "--run", str(tmp_path / "run"), *TRAIN]  # fmt: skip
@@ -253,7 +261,7 @@ def test_interrupted_train_says_how_to_resume_and_resumes(tweets, tmp_path, sig)
     for line in proc.stdout:
         if "save point committed at step 10" in line:
             break
-    proc.send_signal(sig)
+    proc.send_signal(signal.SIGINT)
     rest = proc.stdout.read()
     assert proc.wait() == 130
     with SavePoints(tmp_path / "run", readonly=True) as points:
@@ -263,3 +271,35 @@ def test_interrupted_train_says_how_to_resume_and_resumes(tweets, tmp_path, sig)
     assert not any((tmp_path / "run" / ".savepoints" / "staging").iterdir())
     again = sp(*args[3:])
     assert again.returncode == 0 and f"step {latest}" in again.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_preempted_train_saves_at_the_next_step_exits_75_and_resumes_bit_exact(
+    tweets, tmp_path, straight, sig
+):
+    train, valid = tweets
+    args = [sys.executable, "-m", "savepoints", "train", str(train), "--eval", str(valid),
+            "--run", str(tmp_path / "run"), *TRAIN]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    for line in proc.stdout:
+        if "save point committed at step 5" in line:
+            break
+    proc.send_signal(sig)
+    proc.stdout.read()
+    err = proc.stderr.read()
+    assert proc.wait() == 75, err[-2000:]
+    with SavePoints(tmp_path / "run", readonly=True) as points:
+        stopped = points.latest().step
+        assert stopped > 5 and points.verify().ok
+    assert f"emergency save point at step {stopped}" in err
+    again = sp(*args[3:])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"Resuming from the save point at step {stopped}" in " ".join(again.stdout.split())
+    # the emergency save point stays (it is the run's own history) unless retention drops it
+    with SavePoints(tmp_path / "run", readonly=True) as a, SavePoints(straight, readonly=True) as b:
+        assert stopped in [p.step for p in a.list()] or stopped % 5 == 0
+        wa = load_file(a.latest().path / "model.safetensors")
+        wb = load_file(b.latest().path / "model.safetensors")
+        assert a.latest().step == b.latest().step and all(wa[k].equal(wb[k]) for k in wa)
+        assert a.best().metrics == b.best().metrics

@@ -256,3 +256,32 @@ def test_import_of_a_plain_model_folder_converts_bin_weights(tmp_path):
     bad = sp_cli("import", tmp_path / "empty", tmp_path / "r2")
     assert bad.returncode == 1 and "no checkpoint-N folders" in bad.stderr
     assert not (tmp_path / "r2").exists()
+
+
+@pytest.mark.parametrize(
+    ("sig", "step", "mode"),
+    [("SIGTERM", 7, "sync"), ("SIGUSR1", 10, "async")],
+    ids=["SIGTERM-sync", "SIGUSR1-async"],
+)
+def test_preempted_trainer_saves_at_the_step_boundary_exits_75_and_resumes_exactly(
+    tokenizer_dir, tmp_path, straight, sig, step, mode
+):
+    base, expected = straight
+    flags = ["--async-save"] if mode == "async" else []
+    run = tmp_path / "run"
+    first = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tokenizer", str(tokenizer_dir), "--run", str(run),
+         "--out", str(tmp_path / "x.safetensors"), "--signal-during", str(step),
+         "--signal", sig, *flags],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert first.returncode == 75, first.stderr[-3000:]
+    assert f"stopped on {sig} after an emergency save point at step {step}" in first.stderr
+    with SavePoints(run, readonly=True) as points:
+        # save_steps=4: the regular ones, then the emergency one (not a multiple of 4)
+        assert [p.step for p in points.list()] == [s for s in (4, 8) if s < step] + [step]
+        assert points.latest().step == step and points.verify().ok
+    second, log = train(tokenizer_dir, run, tmp_path / "final.safetensors", *flags)
+    assert f"resuming from {run / f'step-{step:08d}'}" in log
+    assert second["losses"] == expected["losses"]
+    assert same_file_tensors(tmp_path / "final.safetensors", base / "final.safetensors")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -69,6 +71,17 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+class SignalDuring(TrainerCallback):
+    """A preemption: the scheduler's signal lands while optimizer step k runs."""
+
+    def __init__(self, step: int, name: str) -> None:
+        self.step, self.signal = step, getattr(signal, name)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step - 1:
+            os.kill(os.getpid(), self.signal)
+
+
 def accuracy(pred) -> dict:
     return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
 
@@ -88,6 +101,8 @@ def main() -> None:
         action="store_true",
         help="plain Trainer: no savepoints, checkpoint-N folders in --run",
     )
+    ap.add_argument("--signal-during", type=int, help="send --signal to itself in step K")
+    ap.add_argument("--signal", default="SIGTERM")
     ap.add_argument("--resume-from", help="resume from this folder instead of the run's latest")
     args = ap.parse_args()
 
@@ -133,6 +148,8 @@ def main() -> None:
     )
     if args.stop_at:
         callbacks.append(StopAt(args.stop_at))
+    if args.signal_during:
+        callbacks.append(SignalDuring(args.signal_during, args.signal))
     trainer = Trainer(
         model=model,
         args=training_args,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from savepoints.compact import require_plain
 from savepoints.errors import InvalidArgumentError, SavePointNotFoundError
 from savepoints.layout import MANIFEST_NAME
 from savepoints.manager import SavePoint, SavePoints
+from savepoints.preemption import DEFAULT_DEADLINE, Preemption
 
 console = Console(highlight=False, stderr=False)
 
@@ -74,11 +74,21 @@ def _need_transformers(command: str) -> None:
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--max-train-examples", type=int)
 @click.option("--max-eval-examples", type=int)
-def train_cmd(data: Path, run: Path, **options: Any) -> None:
+@click.option(
+    "--preemption-deadline",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_DEADLINE,
+    show_default=True,
+    help="Seconds after SIGTERM/SIGUSR1 within which the emergency save point must be "
+    "committed (set it below your scheduler's grace period).",
+)
+def train_cmd(data: Path, run: Path, preemption_deadline: float, **options: Any) -> None:
     """Fine-tune a text classifier on DATA (CSV or JSONL of text and label) with save points.
 
     Run the same command again after any interruption (Ctrl-C, SIGTERM, SIGKILL): it
-    resumes from the last committed save point.
+    resumes from the last committed save point. On SIGTERM or SIGUSR1 (a scheduler
+    preempting the job) it first takes an emergency save point at the end of the current
+    step and exits with code 75.
     """
     _need_transformers("train")
     from savepoints.integrations.finetune import FinetuneConfig, finetune
@@ -89,14 +99,15 @@ def train_cmd(data: Path, run: Path, **options: Any) -> None:
         if options[name] is not None:
             options[name] = str(options[name])
     cfg = FinetuneConfig(train_file=str(data), run=str(run), **options)
-    # SIGTERM (a scheduler stopping the job) ends training like Ctrl-C: a save in flight
+    # SIGTERM / SIGUSR1 (a scheduler preempting the job): an emergency save point at the
+    # end of the current step, then exit code 75. Ctrl-C stops at once: a save in flight
     # is abandoned and its staging removed; committed save points are untouched.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         finetune(
             cfg,
             on_event=lambda msg: console.print(f"[cyan]savepoints[/] {msg}"),
             callbacks=[_progress_callback()],
+            preemption=Preemption(deadline=preemption_deadline),
         )
     except KeyboardInterrupt:
         latest = SavePoints(run, readonly=True).latest() if run.is_dir() else None
@@ -106,14 +117,8 @@ def train_cmd(data: Path, run: Path, **options: Any) -> None:
             f"command again to resume from {where}."
         )
         sys.exit(130)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     console.print()
     print_points_table(run)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _progress_callback() -> Any:

@@ -266,8 +266,12 @@ def finetune(
     *,
     on_event: Callable[[str], None] = print,
     callbacks: Sequence[Any] = (),
+    preemption: Any = True,
 ) -> SavePoints:
-    """Train (or resume) and return the run. Safe to call again after any interruption."""
+    """Train (or resume) and return the run. Safe to call again after any interruption.
+
+    ``preemption``: what SavePointsCallback does on SIGTERM/SIGUSR1 (by default: an
+    emergency save point at the next step, then exit code 75)."""
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -335,7 +339,7 @@ def finetune(
         save_only_model=False,
         disable_tqdm=bool(callbacks),  # the caller shows its own progress
     )
-    callback = SavePointsCallback(points, state={"finetune": asdict(cfg)})
+    callback = SavePointsCallback(points, state={"finetune": asdict(cfg)}, preemption=preemption)
     trainer = Trainer(
         model=model,
         args=args,

@@ -30,7 +30,9 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import threading
 import types
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -44,6 +46,7 @@ from savepoints.errors import InvalidArgumentError
 from savepoints.keep import Keep
 from savepoints.layout import MANIFEST_NAME
 from savepoints.manager import SavePoint, SavePoints
+from savepoints.preemption import Preemption
 
 TRAINER_STATE_NAME = "trainer_state.json"
 # Eval outputs that describe speed, not quality: never recorded as metrics.
@@ -86,6 +89,11 @@ class SavePointsCallback(TrainerCallback):
     ``state``: JSON values added to every save point's user state. ``async_save``: write
     save points in the background (training waits only for the snapshot); the default
     is the SavePoints' own setting.
+    ``preemption``: while ``train()`` runs, SIGTERM and SIGUSR1 make the Trainer take an
+    emergency save point at the end of the current optimizer step and the process exit
+    with code 75 (:data:`savepoints.preemption.EXIT_PREEMPTED`); running the script again
+    resumes exactly there. Pass a :class:`~savepoints.preemption.Preemption` to choose
+    the signals or the deadline (default 25 s), or False to leave signals alone.
     """
 
     def __init__(
@@ -94,6 +102,7 @@ class SavePointsCallback(TrainerCallback):
         *,
         state: Mapping[str, Any] | None = None,
         async_save: bool | None = None,
+        preemption: Preemption | bool = True,
     ) -> None:
         if not isinstance(points, SavePoints):
             raise InvalidArgumentError(
@@ -108,6 +117,16 @@ class SavePointsCallback(TrainerCallback):
         self._last_eval: tuple[int, dict[str, float]] | None = None
         self._last_log: tuple[int, dict[str, float]] | None = None
         self._verified: set[Path] = set()
+        if preemption is True:
+            preemption = Preemption()
+        elif preemption is not False and not isinstance(preemption, Preemption):
+            raise InvalidArgumentError(
+                f"SavePointsCallback(preemption=...) takes a Preemption, True or False, not "
+                f"{type(preemption).__name__}.",
+                "Pass preemption=Preemption(deadline=60), or leave the default.",
+            )
+        self.preemption: Preemption | None = preemption or None
+        self._emergency_step: int | None = None
 
     # ------------------------------------------------------------------ attaching
 
@@ -142,6 +161,20 @@ class SavePointsCallback(TrainerCallback):
             return original_load_best()
 
         trainer._load_best_model = load_best_model
+        original_train = trainer.train
+
+        def train(*args: Any, **kwargs: Any) -> Any:
+            # The handlers live exactly as long as train(): also when it raises.
+            failed = True
+            try:
+                result = original_train(*args, **kwargs)
+                failed = False
+                return result
+            finally:
+                if self.preemption is not None:
+                    self.preemption.uninstall(deliver_pending=not failed)
+
+        trainer.train = train
         for name in ("_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_rng_state",
                      "_load_scaler"):  # fmt: skip
             setattr(trainer, name, types.MethodType(_LOADERS[name], self))
@@ -170,9 +203,34 @@ class SavePointsCallback(TrainerCallback):
                     "before trainer.train().",
                 )
             self.attach(trainer)
+        if self.preemption is not None and not self.preemption.installed:
+            if threading.current_thread() is threading.main_thread():
+                self.preemption.install()
+            else:
+                warnings.warn(
+                    "savepoints: the Trainer runs outside the main thread, where Python "
+                    "cannot receive signals; SIGTERM/SIGUSR1 will not take an emergency save "
+                    "point. Run training in the main thread, or pass preemption=False to "
+                    "silence this.",
+                    stacklevel=2,
+                )
+                self.preemption = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.preemption is not None and self.preemption.requested:
+            # A step boundary: save now (whatever save_strategy says) and stop.
+            control.should_save = True
+            control.should_training_stop = True
+            self._emergency_step = state.global_step
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.preemption is not None and self._emergency_step == state.global_step:
+            self.preemption.exit(self.points, step=state.global_step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.points.wait()
+        if self.preemption is not None:
+            self.preemption.uninstall()
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any

@@ -1,0 +1,219 @@
+"""Preemption: turn SIGTERM / SIGUSR1 into an emergency save point at the next step.
+
+Schedulers warn a job before they kill it: Kubernetes and most clouds send SIGTERM and
+SIGKILL a grace period later (30 s by default), SLURM sends SIGTERM (or, with
+``--signal=USR1@120``, SIGUSR1 two minutes ahead). A training step cannot be cut in
+half safely, so the handler only records the request; the training loop looks at
+:attr:`Preemption.requested` after each optimizer step, takes a save point and calls
+:meth:`Preemption.exit`::
+
+    with SavePoints("runs/r") as points, Preemption(deadline=60) as preemption:
+        for step in range(start, total):
+            train_step()
+            if step % 500 == 0 or preemption.requested:
+                points.save(step, model=model, optimizer=optimizer)
+            if preemption.requested:
+                preemption.exit(points)   # waits for the save, exits with EXIT_PREEMPTED
+
+Exit codes (documented in the README):
+
+* :data:`EXIT_PREEMPTED` (75, ``EX_TEMPFAIL`` of sysexits.h, "try again"): an emergency
+  save point was committed; running the same command again resumes exactly there.
+* :data:`EXIT_DEADLINE` (76): the deadline passed before the loop reached a step
+  boundary and committed its save point. The process leaves anyway, before the
+  scheduler's SIGKILL; a save in flight is abandoned (its staging folder is removed when
+  the run is next opened) and the run resumes from its last committed save point.
+
+A request the loop never acts on (the ``with`` block ends first) is not swallowed: the
+signal is delivered again to the handler that was there before, as if savepoints had
+never deferred it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from types import FrameType
+from typing import Any, NoReturn
+
+from savepoints.errors import InvalidArgumentError
+
+EXIT_PREEMPTED = 75
+EXIT_DEADLINE = 76
+DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
+DEFAULT_DEADLINE = 25.0  # seconds; under the 30 s grace of Kubernetes and SLURM's KillWait
+
+
+def _signal_number(sig: int | str) -> signal.Signals:
+    try:
+        if isinstance(sig, str):
+            name = sig.upper()
+            return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+        return signal.Signals(sig)
+    except (KeyError, ValueError):
+        raise InvalidArgumentError(
+            f"Unknown signal {sig!r} for Preemption.",
+            "Use names like 'SIGTERM' or 'SIGUSR1', or signal.SIGTERM.",
+        ) from None
+
+
+def _say(text: str) -> None:
+    # os.write, not print: a handler may run while the main thread is inside a write to
+    # stderr, and a buffered write from here would fail as reentrant.
+    with contextlib.suppress(OSError):
+        os.write(2, f"savepoints: {text}\n".encode())
+
+
+class Preemption:
+    """Defers preemption signals to the next step boundary of a training loop.
+
+    ``signals``: which signals mean "save and stop" (default SIGTERM and SIGUSR1).
+    ``deadline``: seconds from the signal within which the emergency save point must be
+    committed; past it the process exits with :data:`EXIT_DEADLINE` (None: no deadline).
+    ``exit_code``: the code :meth:`exit` uses (default :data:`EXIT_PREEMPTED`).
+
+    Use it as a context manager (or :meth:`install` / :meth:`uninstall`) in the main
+    thread: Python delivers signals only there.
+    """
+
+    def __init__(
+        self,
+        signals: Iterable[int | str] = DEFAULT_SIGNALS,
+        *,
+        deadline: float | None = DEFAULT_DEADLINE,
+        exit_code: int = EXIT_PREEMPTED,
+    ) -> None:
+        self.signals = tuple(dict.fromkeys(_signal_number(s) for s in signals))
+        if not self.signals:
+            raise InvalidArgumentError(
+                "Preemption needs at least one signal.", "Leave signals= at its default."
+            )
+        if deadline is not None and not (isinstance(deadline, (int, float)) and deadline > 0):
+            raise InvalidArgumentError(
+                f"Preemption deadline must be a positive number of seconds, not {deadline!r}.",
+                "Pass deadline=60 (or None for no deadline).",
+            )
+        self.deadline = None if deadline is None else float(deadline)
+        self.exit_code = exit_code
+        self.received: signal.Signals | None = None
+        self._at: float | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+        self._watchdog: threading.Timer | None = None
+        self._installed = False
+        self._exiting = False
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def requested(self) -> bool:
+        """True once a preemption signal arrived: save and call :meth:`exit`."""
+        return self.received is not None
+
+    @property
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (None before a signal or without deadline)."""
+        if self._at is None or self.deadline is None:
+            return None
+        return max(0.0, self.deadline - (time.monotonic() - self._at))
+
+    @property
+    def installed(self) -> bool:
+        return self._installed
+
+    # ------------------------------------------------------------------ install
+
+    def install(self) -> Preemption:
+        """Install the handlers. Only the main thread can; elsewhere this raises."""
+        if self._installed:
+            return self
+        if threading.current_thread() is not threading.main_thread():
+            raise InvalidArgumentError(
+                "Preemption handlers can only be installed from the main thread "
+                f"(this is {threading.current_thread().name!r}).",
+                "Create and enter the Preemption in the main thread, or run training there.",
+            )
+        self.received, self._at, self._exiting = None, None, False
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        self._installed = True
+        return self
+
+    def uninstall(self, *, deliver_pending: bool = True) -> None:
+        """Put back the handlers that were there before. A request that was never acted
+        on is delivered to them now (unless ``deliver_pending`` is False: an exception is
+        already ending the program)."""
+        if not self._installed:
+            return
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+        self._installed = False
+        self._cancel_watchdog()
+        pending, self.received = self.received, None
+        if pending is not None and deliver_pending and not self._exiting:
+            _say(f"{pending.name} arrived after the last step; delivering it now")
+            signal.raise_signal(pending)
+
+    def __enter__(self) -> Preemption:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        # An exception (SystemExit from exit() too) is already ending this block.
+        self.uninstall(deliver_pending=exc[0] is None)
+
+    # ------------------------------------------------------------------ handling
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            return  # a second signal changes nothing: the deadline runs from the first
+        self.received = signal.Signals(signum)
+        self._at = time.monotonic()
+        when = f"within {self.deadline:g} s" if self.deadline is not None else "(no deadline)"
+        _say(
+            f"got {self.received.name}: taking an emergency save point at the next step "
+            f"boundary {when}, then exiting with code {self.exit_code}"
+        )
+        if self.deadline is not None:
+            self._watchdog = threading.Timer(self.deadline, self._deadline_passed)
+            self._watchdog.daemon = True
+            self._watchdog.start()
+
+    def _deadline_passed(self) -> None:
+        what = self.received.name if self.received else "the signal"
+        _say(
+            f"the {self.deadline:g} s deadline after {what} passed before an emergency "
+            "save point was committed; exiting with code "
+            f"{EXIT_DEADLINE}. Committed save points are intact: run again to resume from "
+            "the last one."
+        )
+        os._exit(EXIT_DEADLINE)
+
+    def _cancel_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def exit(self, points: Any = None, *, step: int | None = None) -> NoReturn:
+        """Wait for ``points``' saves in flight (the deadline still applies), then leave
+        with ``exit_code`` by raising SystemExit, so ``with`` blocks close cleanly."""
+        if points is not None:
+            last = points.wait() or points.latest()
+            if step is None and last is not None:
+                step = last.step
+        self._cancel_watchdog()
+        self._exiting = True
+        what = self.received.name if self.received else "a preemption request"
+        where = f" at step {step}" if step is not None else ""
+        _say(
+            f"stopped on {what} after an emergency save point{where}; exit code "
+            f"{self.exit_code}. Run the same command again to resume."
+        )
+        raise SystemExit(self.exit_code)
+
+    def __repr__(self) -> str:
+        names = ", ".join(s.name for s in self.signals)
+        return f"Preemption([{names}], deadline={self.deadline}, requested={self.requested})"
