@@ -1,0 +1,40 @@
+"""The CI-sized run of bench/crash_trials.py: SIGKILL while saving, then resume.
+
+The full run (200 trials each of sync and async saves, plus the Trainer comparison) is
+``python bench/crash_trials.py``; its figures are in the README and BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "crash_trials.py"
+
+
+@pytest.fixture(scope="module")
+def crash_trials():
+    spec = importlib.util.spec_from_file_location("crash_trials", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["crash_trials"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigkill_at_random_moments_of_saving_never_breaks_resume_or_loses_a_save_point(
+    crash_trials, tmp_path, mode
+):
+    tally = crash_trials.run_trials(mode, 12, base=tmp_path, max_delay=1.0, chain=6, seed=7)
+    assert tally.trials == 12
+    # The kills did land inside saves (save every step): otherwise this proves nothing.
+    assert tally.killed_during_save >= 6, tally
+    assert tally.broken_resumes == 0, tally.errors
+    assert tally.inexact_resumes == 0, tally
+    assert tally.lost_save_points == 0, tally
+    assert tally.corrupt_save_points == 0, tally
+    assert tally.committed_seen > 0 and not tally.errors, tally
