@@ -25,7 +25,11 @@ def good(tmp_path_factory) -> dict:
 def test_a_written_manifest_parses_back_to_the_same_json(good):
     m = parse_manifest(good, Path("x"))
     assert m.step == 7 and m.tags == ("x",) and m.state == {"a": [1, {"b": None}]}
-    assert json.loads(json.dumps(m.to_json())) == good
+    # everything but the manifest's own hash, which the writer adds over the bytes
+    assert json.loads(json.dumps(m.to_json())) == {
+        k: v for k, v in good.items() if k != "manifest_hash"
+    }
+    assert len(good["manifest_hash"]) == 64 and list(good)[-1] == "manifest_hash"
 
 
 @pytest.mark.parametrize(
@@ -117,3 +121,17 @@ def test_fuzzed_bytes_never_crash_the_reader(tmp_path_factory, raw):
     path.write_bytes(raw)
     with pytest.raises((ManifestError, UnsupportedFormatError)):
         read_manifest(path)
+
+
+def test_manifests_of_0_1_without_their_own_hash_still_verify_later_ones_must_have_it(tmp_path):
+    with SavePoints(tmp_path / "run") as points:
+        sp = points.save(3, state={"k": 1})
+    path = sp.path / "savepoint.json"
+    data = json.loads(path.read_text())
+    del data["manifest_hash"]
+    data["versions"]["savepoints"] = "0.1.0"
+    path.write_text(json.dumps(data, indent=1))
+    assert sp.verify().ok  # as 0.1.0 wrote it
+    data["versions"]["savepoints"] = "0.2.0"
+    path.write_text(json.dumps(data, indent=1))
+    assert [p.kind for p in sp.verify().problems] == ["manifest"]

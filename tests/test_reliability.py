@@ -13,7 +13,8 @@ import uuid
 import pytest
 import torch
 
-from savepoints import CorruptSavePointError, DiskFullError, SavePoints
+from savepoints import CorruptSavePointError, DiskFullError, ManifestError, SavePoints, verify
+from savepoints.layout import MANIFEST_NAME
 
 
 def small_run(path, n=2):
@@ -29,13 +30,19 @@ def small_run(path, n=2):
 
 
 def test_every_single_byte_change_truncation_deletion_and_extra_file_is_detected(tmp_path):
-    points, _, _ = small_run(tmp_path / "run", n=1)
+    """Sweeps every file of a save point, its manifest included: verify() reports each
+    injected corruption, and restore() refuses it before changing a single weight."""
+    points, net, opt = small_run(tmp_path / "run", n=1)
     sp = points.latest()
     pristine = tmp_path / "pristine"
     shutil.copytree(sp.path, pristine)
-    injected = detected = 0
-    for rel, entry in sp.manifest.files.items():
-        for offset in sorted({0, entry.size // 2, entry.size - 1}):
+    fresh = torch.nn.Linear(16, 4)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    sizes = {rel: e.size for rel, e in sp.manifest.files.items()}
+    sizes[MANIFEST_NAME] = (sp.path / MANIFEST_NAME).stat().st_size
+    injected = detected = refused = 0
+    for rel, size in sizes.items():
+        for offset in sorted({0, 1, size // 3, size // 2, size - 2, size - 1}):
             for mutate in ("flip", "truncate", "delete", "extra"):
                 shutil.rmtree(sp.path)
                 shutil.copytree(pristine, sp.path)
@@ -52,7 +59,36 @@ def test_every_single_byte_change_truncation_deletion_and_extra_file_is_detected
                     (sp.path / f"extra-{uuid.uuid4().hex[:6]}").write_bytes(b"x")
                 injected += 1
                 detected += not sp.verify().ok
-    assert injected > 0 and detected == injected
+                try:
+                    points.restore(sp.path, model=fresh, optimizer=torch.optim.AdamW(
+                        fresh.parameters()), fallback=False)  # fmt: skip
+                except (CorruptSavePointError, ManifestError):
+                    refused += 1
+                assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    assert injected > 100 and detected == injected and refused == injected
+    # and the pristine copy still restores
+    shutil.rmtree(sp.path)
+    shutil.copytree(pristine, sp.path)
+    assert points.restore(sp.path, model=fresh) == {"step": 1}
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in fresh.state_dict().items())
+    points.close()
+
+
+def test_any_single_byte_change_of_the_manifest_is_detected(tmp_path):
+    points, _, _ = small_run(tmp_path / "run", n=1)
+    path = points.latest().path / MANIFEST_NAME
+    pristine = path.read_bytes()
+    assert points.latest().verify().ok
+    for offset in range(len(pristine)):
+        for new in {pristine[offset] ^ 0x01, pristine[offset] ^ 0x20, ord(" "), ord("0")} - {
+            pristine[offset]
+        }:
+            data = bytearray(pristine)
+            data[offset] = new
+            path.write_bytes(bytes(data))
+            assert not verify(path.parent).ok, (offset, bytes([new]))
+    path.write_bytes(pristine)
+    assert verify(path.parent).ok
     points.close()
 
 

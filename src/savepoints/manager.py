@@ -48,13 +48,19 @@ from savepoints.errors import (
 from savepoints.integrity import Problem, VerifyReport, verify_files
 from savepoints.keep import Keep, Mode, PointInfo
 from savepoints.layout import MANIFEST_NAME, RunLayout, parse_step
-from savepoints.manifest import Manifest, is_safe_relpath, read_manifest, write_manifest
+from savepoints.manifest import (
+    Manifest,
+    is_safe_relpath,
+    manifest_hash_problem,
+    read_manifest,
+    write_manifest,
+)
 from savepoints.serialize import check_json, encode_tree
 from savepoints.store import BlobStore, Usage, usage
 
 log = logging.getLogger("savepoints")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 class SavePoint:
@@ -1005,7 +1011,14 @@ def _verify_point(folder: Path) -> VerifyReport:
         report.problems.append(Problem("manifest", MANIFEST_NAME, str(e)))
         return report
     expected = {rel: (e.size, e.hash) for rel, e in manifest.files.items()}
-    return verify_files(folder, expected, ignore={MANIFEST_NAME})
+    report = verify_files(folder, expected, ignore={MANIFEST_NAME})
+    try:
+        why = manifest_hash_problem((folder / MANIFEST_NAME).read_bytes(), manifest)
+    except OSError as e:
+        why = f"cannot read it ({e.strerror})"
+    if why is not None:
+        report.problems.insert(0, Problem("manifest", MANIFEST_NAME, why))
+    return report
 
 
 def _verify_run(root: Path) -> VerifyReport:

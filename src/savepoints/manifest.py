@@ -25,6 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import blake3
+
 from savepoints.errors import ManifestError, UnsupportedFormatError
 from savepoints.integrity import HASH_ALGORITHM
 
@@ -86,13 +88,48 @@ class Manifest:
 
 _KNOWN = {
     "format", "format_version", "step", "created", "metrics", "tags", "state", "parent",
-    "contents", "versions", "keep", "hash_algorithm", "files",
+    "contents", "versions", "keep", "hash_algorithm", "files", "manifest_hash",
 }  # fmt: skip
+
+#: The manifest's own hash: BLAKE3 of its bytes with this field's value written as 64
+#: zeros. The field is always last, so a changed byte anywhere in the file (a metric, a
+#: listed hash, the field itself) is caught, not only in the files it lists.
+MANIFEST_HASH_FIELD = "manifest_hash"
+_HASH_PLACEHOLDER = "0" * 64
+_HASH_KEY = f'"{MANIFEST_HASH_FIELD}": "'.encode()
+
+
+def _encode(manifest: Manifest) -> bytes:
+    data = manifest.to_json()
+    data[MANIFEST_HASH_FIELD] = _HASH_PLACEHOLDER  # last key
+    raw = json.dumps(data, indent=1, allow_nan=False).encode()
+    at = raw.rindex(_HASH_KEY) + len(_HASH_KEY)
+    digest = blake3.blake3(raw).hexdigest().encode()
+    return raw[:at] + digest + raw[at + 64 :]
+
+
+#: Versions of savepoints that wrote manifests without their own hash.
+_UNHASHED_VERSIONS = ("0.1.0",)
+
+
+def manifest_hash_problem(raw: bytes, manifest: Manifest) -> str | None:
+    """Why the manifest bytes ``raw`` fail their own hash, or None when they pass."""
+    at = raw.rfind(_HASH_KEY)
+    if at < 0:
+        if manifest.versions.get("savepoints") in _UNHASHED_VERSIONS:
+            return None  # written before manifests carried a hash
+        return f"its {MANIFEST_HASH_FIELD!r} is missing: the manifest was changed"
+    at += len(_HASH_KEY)
+    stored = raw[at : at + 64]
+    zeroed = raw[:at] + _HASH_PLACEHOLDER.encode() + raw[at + 64 :]
+    if blake3.blake3(zeroed).hexdigest().encode() != stored:
+        return "its own hash differs: the manifest was changed after it was written"
+    return None
 
 
 def write_manifest(folder: Path, manifest: Manifest, name: str) -> None:
     """Write the manifest into ``folder`` and fsync it (the caller fsyncs the folder)."""
-    data = json.dumps(manifest.to_json(), indent=1, allow_nan=False).encode()
+    data = _encode(manifest)
     path = folder / name
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     with os.fdopen(fd, "wb") as f:
