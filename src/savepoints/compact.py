@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from savepoints import atomic
-from savepoints.errors import InvalidArgumentError
+from savepoints.components import component_path
+from savepoints.errors import CorruptSavePointError, InvalidArgumentError
 from savepoints.integrity import hash_file
 from savepoints.layout import MANIFEST_NAME
 from savepoints.manifest import FileEntry, Manifest, write_manifest
@@ -89,25 +90,39 @@ def decompress_file(source: Path, target: Path) -> None:
     zstd = _zstd()
     dctx = zstd.ZstdDecompressor()
     raw = memoryview(source.read_bytes())
+
+    def corrupt(why: str) -> CorruptSavePointError:
+        return CorruptSavePointError(source.parent, [f"{source.name}: {why}"],
+                                     failed="cannot be read")  # fmt: skip
+
     if bytes(raw[: len(MAGIC)]) != MAGIC:
-        raise InvalidArgumentError(f"{source} is not a compacted savepoints file.", "")
+        raise corrupt("not a compacted savepoints file")
     (index_len,) = struct.unpack("<Q", raw[len(MAGIC) : len(MAGIC) + 8])
     pos = len(MAGIC) + 8
+    if index_len > len(raw) - pos:
+        raise corrupt("its index is longer than the file")
     index = json.loads(bytes(raw[pos : pos + index_len]))
     pos += index_len
+    total = index["size"]
     out = bytearray()
     for i, sizes in enumerate(index["layout"]):
-        parts = []
+        parts: list[bytes] = []
         for size in sizes:
-            parts.append(dctx.decompress(raw[pos : pos + size]))
+            frame = raw[pos : pos + size]
+            # A frame says how large it decompresses; never believe more than the file
+            # as a whole may hold (a decompression bomb would otherwise allocate it).
+            expect = zstd.frame_content_size(frame)
+            if expect < 0 or len(out) + sum(len(p) for p in parts) + expect > total:
+                raise corrupt("a compressed frame is larger than the file it rebuilds")
+            parts.append(dctx.decompress(frame))
             pos += size
         if i == 0 or len(parts) == 1:
             out += parts[0]
         else:
             planes = np.stack([np.frombuffer(p, dtype=np.uint8) for p in parts])
             out += np.ascontiguousarray(planes.T).tobytes()
-    if len(out) != index["size"]:
-        raise InvalidArgumentError(f"{source} decompressed to the wrong size.", "")
+    if len(out) != total:
+        raise corrupt("it decompressed to the wrong size")
     with open(target, "xb") as f:
         f.write(out)
 
@@ -148,14 +163,15 @@ def expanded_view(folder: Path, manifest: Manifest) -> Iterator[Path]:
             if rel in packed:
                 continue
             (view / rel).parent.mkdir(parents=True, exist_ok=True)
+            source = component_path(folder, rel)
             try:
-                os.link(folder / rel, view / rel)
+                os.link(source, view / rel, follow_symlinks=False)
             except OSError:
-                shutil.copyfile(folder / rel, view / rel)
+                shutil.copyfile(source, view / rel)
         for rel, info in packed.items():
             target = view / info["of"]
             target.parent.mkdir(parents=True, exist_ok=True)
-            decompress_file(folder / rel, target)
+            decompress_file(component_path(folder, rel), target)
             _check(target, info)
         yield view
     finally:
@@ -165,8 +181,6 @@ def expanded_view(folder: Path, manifest: Manifest) -> Iterator[Path]:
 def _check(path: Path, info: dict[str, Any]) -> None:
     size, digest = hash_file(path)
     if size != info["size"] or digest != info["hash"]:
-        from savepoints.errors import CorruptSavePointError
-
         raise CorruptSavePointError(path, [f"{info['of']}: decompressed bytes differ"])
 
 

@@ -10,13 +10,14 @@ Transformers models are recognised by duck typing (a ``config`` with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Mapping, Set
+from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -24,10 +25,15 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from savepoints.errors import StateMismatchError, UnserializableStateError
+from savepoints.errors import (
+    CorruptSavePointError,
+    SavePointsError,
+    StateMismatchError,
+    UnserializableStateError,
+)
 from savepoints.integrity import StreamHasher, hash_file
 from savepoints.layout import TRAINING_STATE_DIR
-from savepoints.manifest import FileEntry
+from savepoints.manifest import FileEntry, is_safe_relpath
 from savepoints.serialize import (
     DTYPE_FROM_NAME,
     decode_tree,
@@ -380,11 +386,47 @@ def write_tokenizer(rec: FileRecorder, tokenizer: Any) -> dict[str, Any]:
     return {"class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}", "files": files}
 
 
+#: JSON state files larger than this are refused unread (a hostile or broken file).
+MAX_STATE_JSON_BYTES = 256 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def reading(folder: Path) -> Iterator[None]:
+    """Reading a save point's files: whatever a malformed file makes a reader raise
+    (safetensors, JSON, the state decoder, load_state_dict) becomes one clear
+    CorruptSavePointError naming the save point. Our own errors pass through."""
+    try:
+        yield
+    except SavePointsError:
+        raise
+    except (Exception, RecursionError) as e:
+        text = str(e).splitlines()[0][:300] if str(e) else ""
+        raise CorruptSavePointError(
+            folder, [f"{type(e).__name__}: {text}" if text else type(e).__name__],
+            failed="cannot be read",
+        ) from e  # fmt: skip
+
+
+def component_path(folder: Path, rel: str) -> Path:
+    """``folder / rel`` for reading, refused when it could lead outside the folder: an
+    unsafe name, or a symbolic link on the way (checked even with ``verify=False``)."""
+    if not isinstance(rel, str) or not is_safe_relpath(rel):
+        raise CorruptSavePointError(folder, [f"{rel!r}: leaves the save point folder"],
+                                    failed="cannot be read")  # fmt: skip
+    path = folder
+    for part in rel.split("/"):
+        path = path / part
+        if path.is_symlink():
+            raise CorruptSavePointError(folder, [f"{rel}: is a symbolic link"],
+                                        failed="cannot be read")  # fmt: skip
+    return path
+
+
 def read_model_tensors(folder: Path, info: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for rel in info.get("files", [WEIGHTS_NAME]):
         if rel.endswith(".safetensors"):
-            tensors.update(read_safetensors(folder / rel))
+            tensors.update(read_safetensors(component_path(folder, rel)))
     return tensors
 
 
@@ -401,7 +443,7 @@ def restore_model(model: torch.nn.Module, folder: Path, info: Mapping[str, Any])
     saved: dict[str, tuple[str, tuple[int, ...], torch.dtype | None]] = {}
     for rel in info.get("files", [WEIGHTS_NAME]):
         if rel.endswith(".safetensors"):
-            with safe_open(str(folder / rel), "pt") as f:
+            with safe_open(str(component_path(folder, rel)), "pt") as f:
                 for k in f.keys():  # noqa: SIM118
                     sl = f.get_slice(k)
                     saved[k] = (rel, tuple(sl.get_shape()), DTYPE_FROM_NAME.get(sl.get_dtype()))
@@ -427,7 +469,7 @@ def restore_model(model: torch.nn.Module, folder: Path, info: Mapping[str, Any])
         by_file.setdefault(rel, []).append(name)
     with torch.no_grad():
         for rel, names in by_file.items():
-            with safe_open(str(folder / rel), "pt") as f:
+            with safe_open(str(component_path(folder, rel)), "pt") as f:
                 for name in names:
                     live[name].copy_(f.get_tensor(name))
 
@@ -468,12 +510,17 @@ def write_tree(
 
 def read_tree(folder: Path, info: Mapping[str, Any]) -> Any:
     files = list(info.get("files", []))
-    skeleton_file = next(f for f in files if f.endswith(".json"))
-    skeleton = json.loads((folder / skeleton_file).read_text())
+    skeleton_file = component_path(folder, next(f for f in files if f.endswith(".json")))
+    if skeleton_file.stat().st_size > MAX_STATE_JSON_BYTES:
+        raise CorruptSavePointError(
+            folder, [f"{skeleton_file.name}: over the {MAX_STATE_JSON_BYTES} byte limit"],
+            failed="cannot be read",
+        )  # fmt: skip
+    skeleton = json.loads(skeleton_file.read_text(encoding="utf-8"))
     tensors: dict[str, torch.Tensor] = {}
     for rel in files:
         if rel.endswith(".safetensors"):
-            tensors.update(read_safetensors(folder / rel))
+            tensors.update(read_safetensors(component_path(folder, rel)))
     return decode_tree(skeleton, tensors)
 
 

@@ -181,13 +181,15 @@ class ManifestError(SavePointsError, ValueError):
 class CorruptSavePointError(SavePointsError, ValueError):
     """A save point failed verification: files missing, extra, truncated or altered."""
 
-    def __init__(self, path: Path, problems: Sequence[str]) -> None:
+    def __init__(
+        self, path: Path, problems: Sequence[str], *, failed: str = "failed verification"
+    ) -> None:
         self.path = path
         self.problems = list(problems)
         listed = "; ".join(self.problems[:8])
         more = f"; and {len(self.problems) - 8} more" if len(self.problems) > 8 else ""
         super().__init__(
-            f"Save point {path} failed verification: {listed}{more}.",
+            f"Save point {path} {failed}: {listed}{more}.",
             "Restore another save point (points.list() shows them), or pass verify=False "
             "to load it anyway at your own risk.",
         )

@@ -873,7 +873,7 @@ def _restore_into(
         )
     from savepoints.compact import expanded_view
 
-    with expanded_view(point.path, point.manifest) as folder:
+    with components.reading(point.path), expanded_view(point.path, point.manifest) as folder:
         # A compacted save point reads through a view with its originals rebuilt.
         if model is not None:
             components.restore_model(model, folder, contents["model"])

@@ -228,6 +228,9 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
         ):
             raise bad(f"entry for {rel!r} lacks an integer 'size' or a string 'hash'")
         files[rel] = FileEntry(entry["size"], entry["hash"])
+    why = _contents_problem(contents, files)
+    if why is not None:
+        raise bad(why)
     return Manifest(
         step=step,
         created=created,
@@ -243,6 +246,39 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
         format_version=version,
         extra={k: v for k, v in data.items() if k not in _KNOWN},
     )
+
+
+def _contents_problem(contents: dict[str, Any], files: dict[str, FileEntry]) -> str | None:
+    """Every file a component is read from must be one the manifest lists (and so
+    verifies), or the original of a compacted one: a hostile manifest cannot point a
+    reader at a file outside its own, checked list."""
+    packed = contents.get("compacted", {})
+    if not isinstance(packed, dict):
+        return "'contents.compacted' is not an object"
+    originals = set()
+    for rel, info in packed.items():
+        of = info.get("of") if isinstance(info, dict) else None
+        if rel not in files:
+            return f"compacted file {rel!r} is not among its files"
+        if not isinstance(of, str) or not is_safe_relpath(of) or of in files:
+            return f"compacted file {rel!r} names no safe original"
+        if not isinstance(info.get("size"), int) or not isinstance(info.get("hash"), str):
+            return f"compacted file {rel!r} lacks an integer 'size' or a string 'hash'"
+        originals.add(of)
+    stack: list[Any] = [contents]
+    while stack:  # iterative: a deeply nested hostile manifest cannot overflow the stack
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "files" and isinstance(value, list):
+                    for ref in value:
+                        if not isinstance(ref, str) or (ref not in files and ref not in originals):
+                            return f"'contents' reads {ref!r}, which is not among its files"
+                else:
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
 
 
 def _is_number(v: Any) -> bool:

@@ -278,7 +278,10 @@ def decode_tree(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
             arr = np.array(dec(value["data"]), dtype=np.dtype(value["dtype"]))
             return arr.reshape(value["shape"])
         if tag == "dtype":
-            return getattr(torch, value["name"])
+            dtype = getattr(torch, str(value["name"]), None)
+            if not isinstance(dtype, torch.dtype):  # never any other attribute of torch
+                raise ValueError(f"{value['name']!r} is not a torch dtype")
+            return dtype
         if tag == "device":
             return torch.device(value["name"])
         raise ValueError(f"unknown tagged value {tag!r} in saved state")

@@ -369,7 +369,9 @@ def _save_point_or_original(name: str, restore: Callable[..., None]) -> Callable
     def load(cb: SavePointsCallback, checkpoint: str | None, *args: Any) -> Any:
         if checkpoint is None or not is_savepoint(checkpoint):
             return cb._originals[name](checkpoint, *args)
-        restore(cb, cb._savepoint(checkpoint), *args)
+        point = cb._savepoint(checkpoint)
+        with components.reading(point.path):
+            restore(cb, point, *args)
         return None
 
     return load
