@@ -394,10 +394,11 @@ MAX_STATE_JSON_BYTES = 256 * 1024 * 1024
 def reading(folder: Path) -> Iterator[None]:
     """Reading a save point's files: whatever a malformed file makes a reader raise
     (safetensors, JSON, the state decoder, load_state_dict) becomes one clear
-    CorruptSavePointError naming the save point. Our own errors pass through."""
+    CorruptSavePointError naming the save point. Our own errors, and OSErrors (a
+    missing file, a full disk while writing a copy), pass through as they are."""
     try:
         yield
-    except SavePointsError:
+    except (SavePointsError, OSError):
         raise
     except (Exception, RecursionError) as e:
         text = str(e).splitlines()[0][:300] if str(e) else ""
@@ -437,6 +438,14 @@ def restore_model(model: torch.nn.Module, folder: Path, info: Mapping[str, Any])
     a mismatch changes nothing; then each tensor is read from the memory-mapped file and
     copied straight into the live parameter, one at a time: the extra memory is one
     tensor, not a second model."""
+    prepare_model(model, folder, info)()
+
+
+def prepare_model(
+    model: torch.nn.Module, folder: Path, info: Mapping[str, Any]
+) -> Callable[[], None]:
+    """Check the save point's weights against ``model`` (raising on any mismatch) and
+    return the function that copies them in."""
     from safetensors import safe_open
 
     model = unwrap_model(model)
@@ -467,11 +476,15 @@ def restore_model(model: torch.nn.Module, folder: Path, info: Mapping[str, Any])
     by_file: dict[str, list[str]] = {}
     for name, (rel, _, _) in saved.items():
         by_file.setdefault(rel, []).append(name)
-    with torch.no_grad():
-        for rel, names in by_file.items():
-            with safe_open(str(component_path(folder, rel)), "pt") as f:
-                for name in names:
-                    live[name].copy_(f.get_tensor(name))
+
+    def apply() -> None:
+        with torch.no_grad():
+            for rel, names in by_file.items():
+                with safe_open(str(component_path(folder, rel)), "pt") as f:
+                    for name in names:
+                        live[name].copy_(f.get_tensor(name))
+
+    return apply
 
 
 # --------------------------------------------------------------------------------------
@@ -525,6 +538,11 @@ def read_tree(folder: Path, info: Mapping[str, Any]) -> Any:
 
 
 def restore_optimizer(optimizer: Any, folder: Path, info: Mapping[str, Any]) -> None:
+    optimizer.load_state_dict(prepare_optimizer(optimizer, folder, info))
+
+
+def prepare_optimizer(optimizer: Any, folder: Path, info: Mapping[str, Any]) -> Any:
+    """Read the optimizer state and check that it fits ``optimizer``; return it."""
     saved = read_tree(folder, info)
     _check_class("optimizer", optimizer, folder, info)
     groups = optimizer.state_dict()["param_groups"]
@@ -555,12 +573,16 @@ def restore_optimizer(optimizer: Any, folder: Path, info: Mapping[str, Any]) -> 
                 )
     if mismatched:
         raise StateMismatchError("optimizer", folder, mismatched=mismatched)
-    optimizer.load_state_dict(saved)
+    return saved
 
 
 def restore_object(what: str, obj: Any, folder: Path, info: Mapping[str, Any]) -> None:
+    obj.load_state_dict(prepare_object(what, obj, folder, info))
+
+
+def prepare_object(what: str, obj: Any, folder: Path, info: Mapping[str, Any]) -> Any:
     _check_class(what, obj, folder, info)
-    obj.load_state_dict(read_tree(folder, info))
+    return read_tree(folder, info)
 
 
 def _check_class(what: str, obj: Any, folder: Path, info: Mapping[str, Any]) -> None:

@@ -26,7 +26,7 @@ import torch
 
 from savepoints import atomic, components
 from savepoints.compact import require_plain
-from savepoints.errors import InvalidArgumentError
+from savepoints.errors import CorruptSavePointError, InvalidArgumentError
 from savepoints.layout import MANIFEST_NAME, TRAINING_STATE_DIR
 from savepoints.manager import SavePoint, __version__
 from savepoints.serialize import read_json_object
@@ -71,15 +71,25 @@ def export(
     require_plain(point.path, point.manifest, "export")
     if verify:
         point.verify().raise_if_failed()
+    unsafe = [rel for rel in point.manifest.files if rel.lower().endswith(NEVER_EXPORTED)]
+    if unsafe:
+        # savepoints never writes these: a save point holding them was made by someone
+        # else, and shipping a pickle would hand its code to whoever loads the bundle.
+        raise CorruptSavePointError(
+            point.path,
+            [f"{rel}: a pickle or code file, which savepoints never writes" for rel in unsafe],
+            failed="is not safe to export",
+        )
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir(parents=True)
     try:
         rec = components.FileRecorder(tmp)
-        _copy_model_folder(point, rec, dtype, keep_trainer_state=fmt == "hf-trainer")
-        if fmt == "hf":
-            rec.write_bytes("README.md", model_card(point, dtype).encode())
-        else:
-            _write_trainer_state_files(point, tmp)
+        with components.reading(point.path):
+            _copy_model_folder(point, rec, dtype, keep_trainer_state=fmt == "hf-trainer")
+            if fmt == "hf":
+                rec.write_bytes("README.md", model_card(point, dtype).encode())
+            else:
+                _write_trainer_state_files(point, tmp)
         atomic.fsync_tree(tmp)
         if out.exists():
             out.rmdir()
@@ -88,6 +98,10 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+#: Pickle and code files: never part of a save point written by savepoints.
+NEVER_EXPORTED = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".py")
 
 
 def _copy_model_folder(
@@ -101,14 +115,22 @@ def _copy_model_folder(
         if rel in _TRAINING_ONLY and not (keep_trainer_state and rel == "trainer_state.json"):
             continue
         if rel == "config.json" and dtype is not None:
-            config = json.loads((point.path / rel).read_bytes())
+            config = json.loads(components.component_path(point.path, rel).read_bytes())
             config["dtype"] = config["torch_dtype"] = str(DTYPES[dtype]).removeprefix("torch.")
             rec.write_bytes(rel, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
         else:
-            rec.copy_file(rel, point.path / rel)
+            rec.copy_file(rel, components.component_path(point.path, rel))
     if dtype is None:
+        from safetensors import safe_open
+
         for rel in sorted(weight_files):
-            rec.copy_file(rel, point.path / rel)
+            source = components.component_path(point.path, rel)
+            if rel.endswith(".safetensors"):
+                # Parse the header (names, dtypes, offsets inside the file) before
+                # shipping it: a bundle that from_pretrained cannot load is no bundle.
+                with safe_open(str(source), "pt") as f:
+                    list(f.keys())
+            rec.copy_file(rel, source)
         return
     tensors = components.read_model_tensors(point.path, model_info)
     target = DTYPES[dtype]

@@ -12,6 +12,7 @@ import builtins
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import platform
@@ -875,16 +876,26 @@ def _restore_into(
 
     with components.reading(point.path), expanded_view(point.path, point.manifest) as folder:
         # A compacted save point reads through a view with its originals rebuilt.
+        # Two phases: read and check everything, then change the live objects, so that a
+        # bad optimizer file does not leave the model restored and the optimizer not.
+        apply: list[Callable[[], None]] = []
         if model is not None:
-            components.restore_model(model, folder, contents["model"])
+            apply.append(components.prepare_model(model, folder, contents["model"]))
         if optimizer is not None:
-            components.restore_optimizer(optimizer, folder, contents["optimizer"])
+            opt_state = components.prepare_optimizer(optimizer, folder, contents["optimizer"])
+            apply.append(lambda: optimizer.load_state_dict(opt_state))
+        loads: list[tuple[str, Any, Mapping[str, Any]]] = []
         if scheduler is not None:
-            components.restore_object("scheduler", scheduler, folder, contents["scheduler"])
-        for name, obj in extra.items():
-            components.restore_object(name, obj, folder, saved_extra[name])
+            loads.append(("scheduler", scheduler, contents["scheduler"]))
+        loads += [(name, obj, saved_extra[name]) for name, obj in extra.items()]
+        for name, obj, info in loads:
+            obj_state = components.prepare_object(name, obj, folder, info)
+            apply.append(functools.partial(obj.load_state_dict, obj_state))
         if rng and "rng" in contents:
-            components.restore_rng(components.read_tree(folder, contents["rng"]), folder)
+            rng_state = components.read_tree(folder, contents["rng"])
+            apply.append(lambda: components.restore_rng(rng_state, folder))
+        for step in apply:
+            step()
 
 
 def _infos(points: Iterable[SavePoint]) -> list[PointInfo]:

@@ -100,7 +100,12 @@ _HASH_KEY = f'"{MANIFEST_HASH_FIELD}": "'.encode()
 
 
 def _encode(manifest: Manifest) -> bytes:
-    data = manifest.to_json()
+    return encode_manifest_json(manifest.to_json())
+
+
+def encode_manifest_json(data: dict[str, Any]) -> bytes:
+    """The bytes of a manifest: ``data`` as JSON with its own hash as the last field."""
+    data = {k: v for k, v in data.items() if k != MANIFEST_HASH_FIELD}
     data[MANIFEST_HASH_FIELD] = _HASH_PLACEHOLDER  # last key
     raw = json.dumps(data, indent=1, allow_nan=False).encode()
     at = raw.rindex(_HASH_KEY) + len(_HASH_KEY)
