@@ -49,7 +49,7 @@ json_values = st.recursive(
             children,
             max_size=4,
         )
-    ),  # fmt: skip
+    ),
     max_leaves=20,
 )
 

@@ -32,7 +32,7 @@ def small_run(path, n=2):
 def test_every_single_byte_change_truncation_deletion_and_extra_file_is_detected(tmp_path):
     """Sweeps every file of a save point, its manifest included: verify() reports each
     injected corruption, and restore() refuses it before changing a single weight."""
-    points, net, opt = small_run(tmp_path / "run", n=1)
+    points, net, _ = small_run(tmp_path / "run", n=1)
     sp = points.latest()
     pristine = tmp_path / "pristine"
     shutil.copytree(sp.path, pristine)
