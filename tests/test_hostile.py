@@ -312,9 +312,13 @@ def test_hostile_save_point_runs_no_code_and_touches_nothing_outside(tmp_path, p
     assert not marker.exists(), "a pickle payload ran"
     assert not [o for o in outcomes.values() if o.startswith("CRASH")], outcomes
     allowed_in_root = ("", "run", "out")  # "": listing root itself, where out is made
-    outside = [(str(f), n, hex(m)) for f, n, m in events
-               if f in (bait, bait / "state") or (f == tmp_path and n != "root")
-               or (f == root and n not in allowed_in_root and not n.startswith(".out."))]  # fmt: skip
+    outside = [
+        (str(f), n, hex(m))
+        for f, n, m in events
+        if f in (bait, bait / "state")
+        or (f == tmp_path and n != "root")
+        or (f == root and n not in allowed_in_root and not n.startswith(".out."))
+    ]
     assert outside == [], outside
     # Re-signed files of a bad format pass the integrity check (their hashes are right);
     # everything that reaches outside the folder, or breaks the manifest, fails it.
