@@ -164,3 +164,20 @@ def test_the_lock_of_a_killed_writer_is_recovered(tmp_path):
     proc.wait()
     with SavePoints(tmp_path / "run") as points:  # the kernel released the dead lock
         points.save(1)
+
+
+def test_a_full_disk_during_an_async_save_is_raised_on_the_next_call_and_cleaned(tiny_fs):
+    small = torch.nn.Linear(64, 64)
+    big = torch.nn.Linear(1024, 1024)
+    with SavePoints(tiny_fs / "run", async_save=True) as points:
+        points.save(1, model=small).result()
+        pending = points.save(2, model=big)  # the snapshot fits in memory; the disk does not
+        with pytest.raises(DiskFullError, match="No space left"):
+            points.wait()  # the background failure, raised once, here
+        assert pending.done()
+        with pytest.raises(DiskFullError):
+            pending.result()  # and to whoever holds the pending save
+        assert [p.step for p in points.list()] == [1] and points.latest().verify()
+        assert not any((tiny_fs / "run" / ".savepoints" / "staging").iterdir())
+        points.save(3, model=small).result()  # training goes on
+        assert [p.step for p in points.list()] == [1, 3]
