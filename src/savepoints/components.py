@@ -27,12 +27,13 @@ import torch
 
 from savepoints.errors import (
     CorruptSavePointError,
+    SavePointGoneError,
     SavePointsError,
     StateMismatchError,
     UnserializableStateError,
 )
 from savepoints.integrity import StreamHasher, hash_file
-from savepoints.layout import TRAINING_STATE_DIR
+from savepoints.layout import MANIFEST_NAME, TRAINING_STATE_DIR
 from savepoints.manifest import FileEntry, is_safe_relpath
 from savepoints.serialize import (
     DTYPE_FROM_NAME,
@@ -394,13 +395,18 @@ MAX_STATE_JSON_BYTES = 256 * 1024 * 1024
 def reading(folder: Path) -> Iterator[None]:
     """Reading a save point's files: whatever a malformed file makes a reader raise
     (safetensors, JSON, the state decoder, load_state_dict) becomes one clear
-    CorruptSavePointError naming the save point. Our own errors, and OSErrors (a
-    missing file, a full disk while writing a copy), pass through as they are."""
+    CorruptSavePointError naming the save point; if the save point vanished meanwhile
+    (pruned by the process writing the run), a SavePointGoneError. Our own errors, and
+    other OSErrors (a full disk while writing a copy), pass through as they are."""
     try:
         yield
-    except (SavePointsError, OSError):
+    except SavePointsError:
         raise
     except (Exception, RecursionError) as e:
+        if not (folder / MANIFEST_NAME).exists():
+            raise SavePointGoneError(folder) from e  # a reader racing a pruning writer
+        if isinstance(e, OSError):
+            raise
         text = str(e).splitlines()[0][:300] if str(e) else ""
         raise CorruptSavePointError(
             folder, [f"{type(e).__name__}: {text}" if text else type(e).__name__],

@@ -116,6 +116,19 @@ class SavePointNotFoundError(SavePointsError, LookupError):
         )
 
 
+class SavePointGoneError(SavePointsError, FileNotFoundError):
+    """A save point was deleted (by retention or ``rm`` of another process) while it was
+    being read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(
+            f"Save point {path} was deleted while it was being read (retention or `rm` of "
+            "the process writing this run); nothing was changed.",
+            "Read another save point: `savepoints list RUN` shows what is there now.",
+        )
+
+
 class SavePointExistsError(SavePointsError, FileExistsError):
     """Saving a step that is already committed, without ``overwrite=True``."""
 

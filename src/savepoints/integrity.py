@@ -117,17 +117,22 @@ def verify_files(
         if target.is_symlink():
             report.problems.append(Problem("unsafe", rel, "is a symbolic link"))
             continue
-        if not target.is_file():
+        try:
+            if not target.is_file():
+                raise FileNotFoundError(target)
+            actual_size = target.stat().st_size
+            if actual_size < size:
+                report.problems.append(Problem("truncated", rel, f"{actual_size} of {size} bytes"))
+                continue
+            if actual_size > size:
+                report.problems.append(
+                    Problem("grown", rel, f"{actual_size} bytes, expected {size}")
+                )
+                continue
+            _, actual = hash_file(target)
+        except FileNotFoundError:  # also when it vanishes while we look (a pruned point)
             report.problems.append(Problem("missing", rel, f"expected {size} bytes"))
             continue
-        actual_size = target.stat().st_size
-        if actual_size < size:
-            report.problems.append(Problem("truncated", rel, f"{actual_size} of {size} bytes"))
-            continue
-        if actual_size > size:
-            report.problems.append(Problem("grown", rel, f"{actual_size} bytes, expected {size}"))
-            continue
-        _, actual = hash_file(target)
         report.files_checked += 1
         report.bytes_checked += size
         if actual != digest:

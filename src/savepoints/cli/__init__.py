@@ -28,6 +28,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (errors.RunLockedError, 5),
     (errors.RunNotFoundError, 2),
     (errors.SavePointNotFoundError, 2),
+    (errors.SavePointGoneError, 2),
     (errors.MetricNotFoundError, 2),
     (errors.SavePointsError, 1),
     (PermissionError, 1),
