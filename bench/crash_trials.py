@@ -308,7 +308,7 @@ def check_savepoints_run(run: Path, committed: set[int], tally: Tally,
     logger = logging.getLogger("savepoints")
     counter, level = _Count(), logger.level
     logger.addHandler(counter)
-    logger.setLevel(logging.ERROR + 1)
+    logger.setLevel(logging.WARNING)  # the handler sees warnings; nothing propagates
     logger.propagate = False
     try:
         points = SavePoints(run)
