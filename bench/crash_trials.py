@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -238,7 +239,8 @@ class Tally:
     seconds: float = 0.0
 
     def error(self, text: str) -> None:
-        key = text.strip().splitlines()[-1][:160] if text.strip() else "(no message)"
+        last = text.strip().splitlines()[-1] if text.strip() else "(no message)"
+        key = re.sub(r"/\S+/", ".../", last)[:160]  # group by message, not by folder
         self.errors[key] = self.errors.get(key, 0) + 1
 
 
