@@ -66,6 +66,9 @@ def test_every_single_byte_change_truncation_deletion_and_extra_file_is_detected
                 except (CorruptSavePointError, ManifestError):
                     refused += 1
                 assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    print(
+        f"corruption sweep: {detected}/{injected} detected by verify, {refused} refused by restore"
+    )
     assert injected > 100 and detected == injected and refused == injected
     # and the pristine copy still restores
     shutil.rmtree(sp.path)
@@ -80,6 +83,7 @@ def test_any_single_byte_change_of_the_manifest_is_detected(tmp_path):
     path = points.latest().path / MANIFEST_NAME
     pristine = path.read_bytes()
     assert points.latest().verify().ok
+    changed = 0
     for offset in range(len(pristine)):
         for new in {pristine[offset] ^ 0x01, pristine[offset] ^ 0x20, ord(" "), ord("0")} - {
             pristine[offset]
@@ -88,6 +92,8 @@ def test_any_single_byte_change_of_the_manifest_is_detected(tmp_path):
             data[offset] = new
             path.write_bytes(bytes(data))
             assert not verify(path.parent).ok, (offset, bytes([new]))
+            changed += 1
+    print(f"manifest sweep: {changed}/{changed} single-byte changes detected")
     path.write_bytes(pristine)
     assert verify(path.parent).ok
     points.close()
