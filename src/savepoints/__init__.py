@@ -30,8 +30,11 @@ from savepoints.errors import (
 from savepoints.integrity import Problem, VerifyReport
 from savepoints.keep import Keep
 from savepoints.manager import SavePoint, SavePoints, __version__, verify
+from savepoints.preemption import EXIT_DEADLINE, EXIT_PREEMPTED, Preemption
 
 __all__ = [
+    "EXIT_DEADLINE",
+    "EXIT_PREEMPTED",
     "CorruptSavePointError",
     "DiskFullError",
     "InvalidArgumentError",
@@ -39,6 +42,7 @@ __all__ = [
     "ManifestError",
     "MetricNotFoundError",
     "NotARunError",
+    "Preemption",
     "Problem",
     "ReadOnlyRunError",
     "RunLockedError",
