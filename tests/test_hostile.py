@@ -115,24 +115,24 @@ def add_file(folder: Path, rel: str, content: bytes, contents_key: str | None = 
     resign(folder, edit)
 
 
-def v_traversal(sp: Path, bait: Path, marker: Path) -> None:
+def _model_read_from(rel: str, bait: Path) -> Callable[[dict], None]:
+    """A manifest edit: list ``rel`` (outside the folder) with the bait's true hash and
+    make the model be read from it."""
+
     def edit(data: dict) -> None:
-        rel = "../../bait/secret.safetensors"
         size, digest = hash_file(bait / "secret.safetensors")
         data["files"][rel] = {"size": size, "hash": digest}
         data["contents"]["model"]["files"] = [rel]
 
-    resign(sp, edit)
+    return edit
+
+
+def v_traversal(sp: Path, bait: Path, marker: Path) -> None:
+    resign(sp, _model_read_from("../../bait/secret.safetensors", bait))
 
 
 def v_absolute(sp: Path, bait: Path, marker: Path) -> None:
-    def edit(data: dict) -> None:
-        rel = str(bait / "secret.safetensors")
-        size, digest = hash_file(bait / "secret.safetensors")
-        data["files"][rel] = {"size": size, "hash": digest}
-        data["contents"]["model"]["files"] = [rel]
-
-    resign(sp, edit)
+    resign(sp, _model_read_from(str(bait / "secret.safetensors"), bait))
 
 
 def v_contents_unlisted(sp: Path, bait: Path, marker: Path) -> None:

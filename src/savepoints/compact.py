@@ -105,6 +105,7 @@ def decompress_file(source: Path, target: Path) -> None:
     pos += index_len
     total = index["size"]
     out = bytearray()
+    produced = 0
     for i, sizes in enumerate(index["layout"]):
         parts: list[bytes] = []
         for size in sizes:
@@ -112,7 +113,8 @@ def decompress_file(source: Path, target: Path) -> None:
             # A frame says how large it decompresses; never believe more than the file
             # as a whole may hold (a decompression bomb would otherwise allocate it).
             expect = zstd.frame_content_size(frame)
-            if expect < 0 or len(out) + sum(len(p) for p in parts) + expect > total:
+            produced += expect
+            if expect < 0 or produced > total:
                 raise corrupt("a compressed frame is larger than the file it rebuilds")
             parts.append(dctx.decompress(frame))
             pos += size

@@ -54,6 +54,7 @@ from savepoints.manifest import (
     is_safe_relpath,
     manifest_hash_problem,
     read_manifest,
+    read_manifest_bytes,
     write_manifest,
 )
 from savepoints.serialize import check_json, encode_tree
@@ -883,7 +884,7 @@ def _restore_into(
             apply.append(components.prepare_model(model, folder, contents["model"]))
         if optimizer is not None:
             opt_state = components.prepare_optimizer(optimizer, folder, contents["optimizer"])
-            apply.append(lambda: optimizer.load_state_dict(opt_state))
+            apply.append(functools.partial(optimizer.load_state_dict, opt_state))
         loads: list[tuple[str, Any, Mapping[str, Any]]] = []
         if scheduler is not None:
             loads.append(("scheduler", scheduler, contents["scheduler"]))
@@ -893,7 +894,7 @@ def _restore_into(
             apply.append(functools.partial(obj.load_state_dict, obj_state))
         if rng and "rng" in contents:
             rng_state = components.read_tree(folder, contents["rng"])
-            apply.append(lambda: components.restore_rng(rng_state, folder))
+            apply.append(functools.partial(components.restore_rng, rng_state, folder))
         for step in apply:
             step()
 
@@ -1016,17 +1017,14 @@ def _versions() -> dict[str, str]:
 
 def _verify_point(folder: Path) -> VerifyReport:
     try:
-        manifest = read_manifest(folder / MANIFEST_NAME)
+        manifest, raw = read_manifest_bytes(folder / MANIFEST_NAME)
     except SavePointsError as e:
         report = VerifyReport(path=folder)
         report.problems.append(Problem("manifest", MANIFEST_NAME, str(e)))
         return report
     expected = {rel: (e.size, e.hash) for rel, e in manifest.files.items()}
     report = verify_files(folder, expected, ignore={MANIFEST_NAME})
-    try:
-        why = manifest_hash_problem((folder / MANIFEST_NAME).read_bytes(), manifest)
-    except OSError as e:
-        why = f"cannot read it ({e.strerror})"
+    why = manifest_hash_problem(raw, manifest)
     if why is not None:
         report.problems.insert(0, Problem("manifest", MANIFEST_NAME, why))
     return report

@@ -145,6 +145,11 @@ def write_manifest(folder: Path, manifest: Manifest, name: str) -> None:
 
 def read_manifest(path: Path) -> Manifest:
     """Read and validate a manifest; raise :class:`ManifestError` on anything off."""
+    return read_manifest_bytes(path)[0]
+
+
+def read_manifest_bytes(path: Path) -> tuple[Manifest, bytes]:
+    """:func:`read_manifest`, also returning the bytes it parsed (for the self-hash)."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -158,7 +163,7 @@ def read_manifest(path: Path) -> Manifest:
         data = json.loads(raw, parse_constant=_reject_constant)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ManifestError(path, f"it is not valid JSON ({type(e).__name__})") from None
-    return parse_manifest(data, path)
+    return parse_manifest(data, path), raw
 
 
 def _reject_constant(name: str) -> Any:
