@@ -37,7 +37,7 @@ def test_crash_before_commit_leaves_latest_on_the_previous_save_point(
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash before the rename")
 
-    monkeypatch.setattr(points, "_commit", crash)
+    monkeypatch.setattr(savepoints.atomic, "_rename", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         points.save(2, model=gpt2_cls)
     assert points.latest().step == 1 and [p.step for p in points.list()] == [1]
@@ -52,7 +52,7 @@ def test_half_written_staging_of_a_killed_writer_is_invisible_and_removed_on_reo
     points, _ = _saved_run(tmp_path, gpt2_cls)
     # A killed process never runs its cleanup: emulate that by making cleanup a no-op.
     monkeypatch.setattr(savepoints.atomic, "remove_tree", lambda path: None)
-    monkeypatch.setattr(points, "_commit", lambda *a: os.kill(os.getpid(), 0) or 1 / 0)
+    monkeypatch.setattr(savepoints.atomic, "_rename", lambda *a: os.kill(os.getpid(), 0) or 1 / 0)
     with pytest.raises(ZeroDivisionError):
         points.save(2, model=gpt2_cls)
     monkeypatch.undo()

@@ -30,12 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from savepoints import atomic
 from savepoints.components import component_path
-from savepoints.errors import CorruptSavePointError, InvalidArgumentError
+from savepoints.errors import (
+    CorruptSavePointError,
+    InvalidArgumentError,
+    MissingDependencyError,
+)
 from savepoints.integrity import hash_file
-from savepoints.layout import MANIFEST_NAME
-from savepoints.manifest import FileEntry, Manifest, write_manifest
+from savepoints.manifest import FileEntry, Manifest
 
 SUFFIX = ".zbg"
 MAGIC = b"SPZBG1\n\0"
@@ -46,10 +48,7 @@ def _zstd() -> Any:
     try:
         import zstandard
     except ImportError:
-        raise InvalidArgumentError(
-            "Compacting save points needs the zstandard package, which is not installed.",
-            "pip install 'savepoints[compact]' (or pip install zstandard).",
-        ) from None
+        raise MissingDependencyError("Compacting save points", "zstandard", "compact") from None
     return zstandard
 
 
@@ -188,7 +187,7 @@ def _check(path: Path, info: dict[str, Any]) -> None:
 
 def rewrite(folder: Path, manifest: Manifest, staging: Path, compress: bool) -> Manifest:
     """Build the compacted (or expanded) version of ``folder`` in ``staging``; returns its
-    manifest, written there last. Unchanged files are hard-linked, not copied."""
+    manifest, which the commit writes last. Unchanged files are hard-linked, not copied."""
     packed = compacted(manifest)
     files: dict[str, FileEntry] = {}
     new_packed: dict[str, dict[str, Any]] = {}
@@ -230,8 +229,4 @@ def rewrite(folder: Path, manifest: Manifest, staging: Path, compress: bool) -> 
         contents["compacted"] = new_packed
     else:
         contents.pop("compacted", None)
-    new = replace(manifest, files=files, contents=contents)
-    atomic.fsync_tree(staging)
-    write_manifest(staging, new, MANIFEST_NAME)
-    atomic.fsync_dir(staging)
-    return new
+    return replace(manifest, files=files, contents=contents)

@@ -13,14 +13,25 @@ from pathlib import Path
 
 
 class SavePointsError(Exception):
-    """Base class of every error raised by savepoints."""
+    """Base class of every error raised by savepoints.
 
+    ``message`` says what went wrong, with which object and why; ``hint`` says how to fix
+    it. They are kept apart so that the CLI prints them on their own lines; ``str(err)``
+    joins them, so a traceback in a script still ends with the remedy.
+    """
+
+    #: What went wrong, with which object, and why.
+    message: str = ""
     #: A short remedy, shown by the CLI on its own line; also the end of ``str(err)``.
     hint: str = ""
 
     def __init__(self, message: str, hint: str = "") -> None:
+        self.message = message
         self.hint = hint
-        super().__init__(f"{message} {hint}".strip() if hint else message)
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return f"{self.message} {self.hint}".strip() if self.hint else self.message
 
 
 class RunNotFoundError(SavePointsError, FileNotFoundError):
@@ -148,6 +159,69 @@ class SavePointExistsError(SavePointsError, FileExistsError):
 
 class InvalidArgumentError(SavePointsError, ValueError):
     """An argument has a value savepoints cannot use."""
+
+
+class RunClosedError(InvalidArgumentError):
+    """A write was asked of a ``SavePoints`` that was closed."""
+
+    def __init__(self, path: Path, action: str) -> None:
+        self.path = path
+        super().__init__(
+            f"Cannot {action}: this SavePoints for {path} was closed.",
+            "Open the run again with SavePoints(path).",
+        )
+
+
+class TagInUseError(InvalidArgumentError):
+    """A tag names one save point per run, and this one is already on another step."""
+
+    def __init__(self, run: Path, tag: str, step: int) -> None:
+        self.run = run
+        self.tag = tag
+        self.step = step
+        super().__init__(
+            f"Tag {tag!r} is already on step {step} of {run}.",
+            f"Untag it first (savepoints untag RUN {step} {tag}), or pick another name.",
+        )
+
+
+class NothingToRestoreError(InvalidArgumentError, LookupError):
+    """A save point holds no state for an object that was passed to ``restore()``."""
+
+    def __init__(self, path: Path, absent: Sequence[str], holds: Sequence[str]) -> None:
+        self.path = path
+        self.absent = list(absent)
+        args = ", ".join(f"{a}=..." for a in self.absent)
+        super().__init__(
+            f"Save point {path} holds no {' or '.join(self.absent)} state "
+            f"(it holds: {', '.join(sorted(holds)) or 'nothing'}).",
+            f"Restore without {args}, or save with save(..., {args}).",
+        )
+
+
+class MissingDependencyError(SavePointsError, ImportError):
+    """An optional dependency that this feature needs is not installed."""
+
+    def __init__(self, feature: str, package: str, extra: str) -> None:
+        self.feature = feature
+        self.package = package
+        self.extra = extra
+        super().__init__(
+            f"{feature} needs the package {package!r}, which is not installed.",
+            f"pip install 'savepoints[{extra}]' (or pip install {package}).",
+        )
+        self.name = package
+
+
+class DataFileError(InvalidArgumentError):
+    """A training or evaluation data file cannot be read: it names the file, the line
+    (when there is one) and what is wrong."""
+
+    def __init__(self, path: Path, why: str, hint: str, line: int | None = None) -> None:
+        self.path = path
+        self.line = line
+        where = f"{path}, line {line}" if line is not None else str(path)
+        super().__init__(f"Cannot read {where}: {why}.", hint)
 
 
 class MetricNotFoundError(SavePointsError, LookupError):

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -80,23 +78,15 @@ def export(
             [f"{rel}: a pickle or code file, which savepoints never writes" for rel in unsafe],
             failed="is not safe to export",
         )
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir(parents=True)
-    try:
-        rec = components.FileRecorder(tmp)
+    with atomic.stage_beside(out).begin() as staged:
+        rec = components.FileRecorder(staged.path)
         with components.reading(point.path):
             _copy_model_folder(point, rec, dtype, keep_trainer_state=fmt == "hf-trainer")
             if fmt == "hf":
                 rec.write_bytes("README.md", model_card(point, dtype).encode())
             else:
-                _write_trainer_state_files(point, tmp)
-        atomic.fsync_tree(tmp)
-        if out.exists():
-            out.rmdir()
-        atomic.commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                _write_trainer_state_files(point, staged.path)
+        staged.commit()  # over an empty `out`, if there is one: rename replaces it
     return out
 
 

@@ -8,7 +8,9 @@ A run folder holds::
         lock                held (flock) by the one process writing the run
         staging/            save points being written; anything here is uncommitted
         trash/              save points being deleted (renamed here first, so a crash
-                            mid-delete never leaves a half-deleted folder in the run)
+                            mid-delete never leaves a half-deleted folder in the run),
+                            and old versions being replaced (``step-N.<rand>.replaced``:
+                            put back on open when a crash left the step folder missing)
         blobs/              content-addressed file contents; save point files are hard
                             links to them, so unchanged files are stored once (store.py)
 
@@ -28,6 +30,8 @@ MANIFEST_NAME = "savepoint.json"
 PRIVATE_DIR = ".savepoints"
 STEP_PREFIX = "step-"
 _STEP_RE = re.compile(r"^step-(\d+)$")
+REPLACED_SUFFIX = ".replaced"
+_REPLACED_RE = re.compile(r"^(step-\d+)\.[0-9a-f]+\.replaced$")
 #: Training state kept next to the model files, in a subfolder that Transformers ignores.
 TRAINING_STATE_DIR = "training_state"
 
@@ -81,6 +85,16 @@ class RunLayout:
 
     def new_trash_dir(self, step: int) -> Path:
         return self.trash / f"{folder_name(step)}.{secrets.token_hex(4)}"
+
+    def new_replaced_dir(self, step: int) -> Path:
+        """Where the old version of a save point waits while a new one replaces it."""
+        return self.trash / f"{folder_name(step)}.{secrets.token_hex(4)}{REPLACED_SUFFIX}"
+
+    @staticmethod
+    def parse_replaced(name: str) -> int | None:
+        """The step of a replaced old version in the trash, or None for other names."""
+        m = _REPLACED_RE.match(name)
+        return parse_step(m.group(1)) if m else None
 
     def candidate_dirs(self) -> Iterator[tuple[int, Path]]:
         """Folders named like save points, sorted by step. Committed or not: callers

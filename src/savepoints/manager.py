@@ -38,19 +38,23 @@ from savepoints.errors import (
     InvalidArgumentError,
     MetricNotFoundError,
     NotARunError,
+    NothingToRestoreError,
     ReadOnlyRunError,
+    RunClosedError,
     RunLockedError,
     RunNotFoundError,
     RunNotWritableError,
     SavePointExistsError,
     SavePointNotFoundError,
     SavePointsError,
+    TagInUseError,
 )
 from savepoints.integrity import Problem, VerifyReport, verify_files
 from savepoints.keep import Keep, Mode, PointInfo
 from savepoints.layout import MANIFEST_NAME, RunLayout, parse_step
 from savepoints.manifest import (
     Manifest,
+    encode_manifest,
     is_safe_relpath,
     manifest_hash_problem,
     read_manifest,
@@ -163,6 +167,14 @@ class PendingSave(SavePoint):
     def result(self, timeout: float | None = None) -> SavePoint:
         return self._future.result(timeout)
 
+    # Equality and hashing never wait for the commit (SavePoint's compare the manifests):
+    # a pending save is the same as another only when it is the same save in flight.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PendingSave) and other._future is self._future
+
+    def __hash__(self) -> int:
+        return hash((str(self.path), self._step, id(self._future)))
+
     def __repr__(self) -> str:
         state = "committed" if self.done() else "in flight"
         return f"PendingSave(step={self.step}, path={str(self.path)!r}, {state})"
@@ -246,11 +258,11 @@ class SavePoints:
         except OSError as e:
             raise RunNotWritableError(self.path, e.strerror or str(e)) from None
         self._acquire_lock()
-        removed = atomic.clean_private(self._layout.staging, self._layout.trash)
-        if removed:
+        recovery = atomic.recover(self._layout, _is_committed)
+        if recovery.removed:
             log.warning(
                 "savepoints: removed %d uncommitted leftover(s) of an earlier writer in %s",
-                len(removed),
+                len(recovery.removed),
                 self._layout.private,
             )
 
@@ -327,10 +339,7 @@ class SavePoints:
         if self.readonly:
             raise ReadOnlyRunError(self.path, action)
         if self._closed:
-            raise InvalidArgumentError(
-                f"Cannot {action}: this SavePoints for {self.path} was closed.",
-                "Open the run again with SavePoints(path).",
-            )
+            raise RunClosedError(self.path, action)
         self.wait()  # one writer at a time: the save in flight first (and its error)
 
     # ---------------------------------------------------------------- reading
@@ -415,11 +424,7 @@ class SavePoints:
         point = self.get(step)
         holder = self._tag_holder(clean)
         if holder is not None and holder.step != point.step:
-            raise InvalidArgumentError(
-                f"Tag {clean!r} is already on step {holder.step} of {self.path}.",
-                f"Untag it first (savepoints untag RUN {holder.step} {clean}), or pick "
-                "another name.",
-            )
+            raise TagInUseError(self.path, clean, holder.step)
         if clean in point.tags:
             return point
         return self._rewrite_tags(point, (*point.tags, clean))
@@ -444,15 +449,8 @@ class SavePoints:
     def _rewrite_tags(self, point: SavePoint, tags: tuple[str, ...]) -> SavePoint:
         # The manifest is replaced in one rename: readers see the old one or the new one.
         manifest = point.manifest.with_tags(tags)
-        self._layout.staging.mkdir(parents=True, exist_ok=True)
-        tmp = self._layout.new_staging_dir(point.step)
-        tmp.mkdir()
-        try:
-            write_manifest(tmp, manifest, MANIFEST_NAME)
-            os.replace(tmp / MANIFEST_NAME, point.path / MANIFEST_NAME)
-            atomic.fsync_dir(point.path)
-        finally:
-            atomic.remove_tree(tmp)
+        atomic.replace_file(point.path / MANIFEST_NAME, encode_manifest(manifest),
+                            self._layout.staging)  # fmt: skip
         return SavePoint(point.path, manifest)
 
     def compact(self, step: int | str, *, expand: bool = False) -> SavePoint:
@@ -463,15 +461,10 @@ class SavePoints:
 
         self._check_writable("compact a save point")
         point = self.get(step)
-        staging = self._layout.new_staging_dir(point.step)
-        staging.mkdir(parents=True)
-        try:
-            manifest = compact_mod.rewrite(point.path, point.manifest, staging, not expand)
-            self._store.intern_all(staging, manifest.files)
-            self._commit(staging, point.path, replace_existing=True)
-        except BaseException:
-            atomic.remove_tree(staging)
-            raise
+        with atomic.stage_point(self._layout, point.step).begin() as staged:
+            manifest = compact_mod.rewrite(point.path, point.manifest, staged.path, not expand)
+            self._store.intern_all(staged.path, manifest.files)
+            self._commit(staged, manifest, replace=True)
         self._store.collect()
         return SavePoint(point.path, manifest)
 
@@ -524,10 +517,7 @@ class SavePoints:
         for name in clean_tags:
             holder = self._tag_holder(name)
             if holder is not None and not (overwrite and holder.step == step):
-                raise InvalidArgumentError(
-                    f"Tag {name!r} is already on step {holder.step} of {self.path}.",
-                    "Untag it first, or save with another tag name.",
-                )
+                raise TagInUseError(self.path, name, holder.step)
         extra = _check_extra(extra)
         files = _check_files(files)
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -564,39 +554,38 @@ class SavePoints:
         tensors into reused host buffers (and writes the small files); writing, hashing,
         the manifest, the commit and retention run in the background thread."""
         started = time.perf_counter()
-        final = self._layout.point_dir(step)
-        existing = self._existing(final, step, overwrite)
-        staging = self._layout.new_staging_dir(step)
+        staged = atomic.stage_point(self._layout, step)
+        existing = self._existing(staged.final, step, overwrite)
         buffers = self._buffers if self.async_save else None
         try:
-            staging.mkdir(parents=True)
-            rec = components.FileRecorder(staging, buffers=buffers)
+            staged.begin()
+            rec = components.FileRecorder(staged.path, buffers=buffers)
             contents = write(rec)
             if buffers is not None:
                 buffers.synchronize()
         except BaseException as e:
-            atomic.remove_tree(staging)
+            staged.abort()
             _raise_clearly(e, self.path, step)
         parent, self._parent = self._parent, step
 
         def finish() -> SavePoint:
             return self._finish(
-                step, rec, contents, final, existing, started,
+                step, staged, rec, contents, existing, started,
                 metrics=metrics, state=state, tags=tags, parent=parent,
             )  # fmt: skip
 
         if buffers is None:
             return finish()
-        self._inflight = PendingSave(step, final, self._executor().submit(finish))
+        self._inflight = PendingSave(step, staged.final, self._executor().submit(finish))
         _WITH_SAVES_IN_FLIGHT.add(self)
         return self._inflight
 
     def _finish(
         self,
         step: int,
+        staged: atomic.Staged,
         rec: components.FileRecorder,
         contents: dict[str, Any],
-        final: Path,
         existing: bool,
         started: float,
         *,
@@ -605,10 +594,10 @@ class SavePoints:
         tags: tuple[str, ...],
         parent: int | None,
     ) -> SavePoint:
-        staging = rec.root
+        final = staged.final
         try:
             rec.flush()
-            self._store.intern_all(staging, rec.files)
+            self._store.intern_all(staged.path, rec.files)
             manifest = Manifest(
                 step=step,
                 created=datetime.now(timezone.utc),
@@ -621,12 +610,9 @@ class SavePoints:
                 versions=_versions(),
                 keep=dataclasses.asdict(self.keep),
             )
-            atomic.fsync_tree(staging)
-            write_manifest(staging, manifest, MANIFEST_NAME)
-            atomic.fsync_dir(staging)
-            self._commit(staging, final, existing)
+            self._commit(staged, manifest, replace=existing)
         except BaseException as e:
-            atomic.remove_tree(staging)
+            staged.abort()
             if self.async_save:
                 # Never silent: logged now, raised again by the next save()/wait()/close().
                 log.error("savepoints: saving step %d in the background failed: %s", step, e)
@@ -692,12 +678,10 @@ class SavePoints:
             contents["files"] = sorted(files)
         return contents
 
-    def _commit(self, staging: Path, final: Path, replace_existing: bool) -> None:
-        if replace_existing:
-            # overwrite=True: the old save point disappears, then the new one appears.
-            step = parse_step(final.name)
-            atomic.retire(final, self._layout.new_trash_dir(step if step is not None else 0))
-        atomic.commit(staging, final)
+    def _commit(self, staged: atomic.Staged, manifest: Manifest, *, replace: bool) -> None:
+        # The manifest is the commit record: written last, then the folder is renamed.
+        staged.commit(record=functools.partial(write_manifest, manifest=manifest,
+                                               name=MANIFEST_NAME), replace=replace)  # fmt: skip
 
     def _apply_retention(self) -> None:
         if not self.keep.prunes:
@@ -729,11 +713,16 @@ class SavePoints:
             self._store,
         )  # fmt: skip
 
-    def delete(self, step: int) -> None:
-        """Delete one committed save point (atomically: it is gone or intact)."""
+    def delete(self, step: int | str) -> None:
+        """Delete one committed save point (atomically: it is gone or intact). Raises
+        when it cannot be deleted; nothing is changed then."""
         self._check_writable("delete a save point")
         point = self.get(step)
-        self._delete(point.step)
+        try:
+            atomic.retire(point.path, self._layout.new_trash_dir(point.step))
+        except PermissionError as e:
+            raise RunNotWritableError(self.path, e.strerror or "permission denied") from e
+        log.info("savepoints: deleted step %d of %s", point.step, self.path)
         self.gc()
 
     def _delete(self, step: int) -> None:
@@ -805,12 +794,31 @@ class SavePoints:
             return latest
         if isinstance(savepoint, int) and not isinstance(savepoint, bool):
             return self.get(savepoint)
-        if isinstance(savepoint, (str, os.PathLike)):
+        if isinstance(savepoint, str):
+            # A name is what get() understands (a step, a tag, "latest", "best") before
+            # it is a folder path: restore("release-1") means the tag, not ./release-1.
+            try:
+                return self._by_name(savepoint)
+            except SavePointNotFoundError:
+                if not (Path(savepoint) / MANIFEST_NAME).is_file():
+                    raise
+            return SavePoint.open(savepoint)
+        if isinstance(savepoint, os.PathLike):
             return SavePoint.open(savepoint)
         raise InvalidArgumentError(
-            f"Cannot restore {savepoint!r}: expected a SavePoint, a step, a folder or None.",
-            "Pass points.latest(), points.best(), a step number, or a save point folder.",
+            f"Cannot restore {savepoint!r}: expected a SavePoint, a step, a tag, a folder "
+            "or None.",
+            "Pass points.latest(), points.best(), a step number, a tag, or a save point folder.",
         )
+
+    def _by_name(self, name: str) -> SavePoint:
+        """A save point named the way users name them: a step, a tag, latest or best."""
+        if name in ("latest", "best"):
+            found = self.latest() if name == "latest" else self.best()
+            if found is None:
+                raise SavePointNotFoundError(self.path, name, [])
+            return found
+        return self.get(name)
 
     def __repr__(self) -> str:
         mode = "readonly" if self.readonly else "writable"
@@ -867,12 +875,7 @@ def _restore_into(
     absent = [k for k, v in wanted.items() if v is not None and k not in contents]
     absent += [f"extra[{k!r}]" for k in extra if k not in saved_extra]
     if absent:
-        raise InvalidArgumentError(
-            f"Save point {point.path} holds no {' or '.join(absent)} state "
-            f"(it holds: {', '.join(sorted(contents)) or 'nothing'}).",
-            "Restore without " + ", ".join(f"{a}=..." for a in absent) + ", or save with "
-            "save(..., " + ", ".join(f"{a}=..." for a in absent) + ").",
-        )
+        raise NothingToRestoreError(point.path, absent, list(contents))
     from savepoints.compact import expanded_view
 
     with components.reading(point.path), expanded_view(point.path, point.manifest) as folder:
@@ -897,6 +900,14 @@ def _restore_into(
             apply.append(functools.partial(components.restore_rng, rng_state, folder))
         for step in apply:
             step()
+
+
+def _is_committed(folder: Path) -> bool:
+    try:
+        read_manifest(folder / MANIFEST_NAME)
+    except SavePointsError:
+        return False
+    return True
 
 
 def _infos(points: Iterable[SavePoint]) -> list[PointInfo]:

@@ -99,7 +99,8 @@ _HASH_PLACEHOLDER = "0" * 64
 _HASH_KEY = f'"{MANIFEST_HASH_FIELD}": "'.encode()
 
 
-def _encode(manifest: Manifest) -> bytes:
+def encode_manifest(manifest: Manifest) -> bytes:
+    """The bytes of ``manifest``'s ``savepoint.json``."""
     return encode_manifest_json(manifest.to_json())
 
 
@@ -134,7 +135,7 @@ def manifest_hash_problem(raw: bytes, manifest: Manifest) -> str | None:
 
 def write_manifest(folder: Path, manifest: Manifest, name: str) -> None:
     """Write the manifest into ``folder`` and fsync it (the caller fsyncs the folder)."""
-    data = _encode(manifest)
+    data = encode_manifest(manifest)
     path = folder / name
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     with os.fdopen(fd, "wb") as f:
