@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import savepoints.components
 import savepoints.integrity
+import savepoints.staging
 from savepoints import SavePoints
 
 
@@ -97,12 +97,12 @@ def main() -> None:
                     hf_style(target, model, optimizer, scheduler)
                 else:
                     if name == "savepoints-nohash":
-                        savepoints.components.StreamHasher = NoHash  # type: ignore[misc]
+                        savepoints.staging.StreamHasher = NoHash  # type: ignore[misc]
                     try:
                         with SavePoints(target) as points:
                             points.save(1, model=model, optimizer=optimizer, scheduler=scheduler)
                     finally:
-                        savepoints.components.StreamHasher = savepoints.integrity.StreamHasher  # type: ignore[misc]
+                        savepoints.staging.StreamHasher = savepoints.integrity.StreamHasher  # type: ignore[misc]
                 times[name].append(time.perf_counter() - t0)
                 sizes[name] = du(target)
                 shutil.rmtree(target)

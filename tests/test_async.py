@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import savepoints.serialize
+import savepoints.staging
 from savepoints import SavePoints
-from savepoints.manager import PendingSave
+from savepoints.savepoint import PendingSave
 
 
 def net_and_opt():
@@ -24,15 +25,27 @@ def net_and_opt():
     return net, opt
 
 
-def test_async_save_snapshots_at_once_and_commits_in_the_background(tmp_path):
+def test_async_save_snapshots_at_once_and_commits_in_the_background(tmp_path, monkeypatch):
     net, opt = net_and_opt()
     expected = {k: v.clone() for k, v in net.state_dict().items()}
+    # Hold the background writer until the weights have changed: without the gate the
+    # worker could finish before the mutation and the test would pass whatever we copy.
+    gate = threading.Event()
+    real = savepoints.staging.write_safetensors
+
+    def held(*args, **kwargs):
+        assert gate.wait(30), "the test never released the writer"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(savepoints.staging, "write_safetensors", held)
     with SavePoints(tmp_path / "a", async_save=True) as points:
         pending = points.save(1, model=net, optimizer=opt, metrics={"loss": 0.5})
         assert isinstance(pending, PendingSave) and pending.step == 1
         with torch.no_grad():  # training goes on and changes the weights at once
             for p in net.parameters():
                 p.add_(1.0)
+        assert not pending.done() and points.busy  # nothing was written yet
+        gate.set()
         committed = points.wait()
         assert committed is not None and committed.step == 1 and committed.verify()
         assert points.latest().step == 1 and pending.metrics == {"loss": 0.5}
@@ -55,13 +68,13 @@ def test_host_buffers_are_allocated_once_and_reused(tmp_path):
     with SavePoints(tmp_path / "run", async_save=True) as points:
         points.save(1, model=net, optimizer=opt)
         points.wait()
-        buffers = dict(points._buffers._buffers)
-        size = points._buffers.nbytes
+        buffers = dict(points._writer._buffers._buffers)
+        size = points._writer._buffers.nbytes
         for step in (2, 3):
             points.save(step, model=net, optimizer=opt)
         points.wait()
-        assert points._buffers.nbytes == size
-        assert all(points._buffers._buffers[k] is b for k, b in buffers.items())
+        assert points._writer._buffers.nbytes == size
+        assert all(points._writer._buffers._buffers[k] is b for k, b in buffers.items())
         state_bytes = sum(v.numel() * v.element_size() for v in net.state_dict().values()) * 3
         assert size <= 1.1 * state_bytes + 64 * 1024  # weights + two AdamW moments (+ rng)
 
@@ -76,11 +89,11 @@ def test_background_failure_is_raised_on_the_next_call_and_leaves_nothing(tmp_pa
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(savepoints.components, "write_safetensors", disk_full)
+    monkeypatch.setattr(savepoints.staging, "write_safetensors", disk_full)
     points.save(2, model=net)  # returns at once; the failure happens in the background
     with pytest.raises(OSError, match="No space left"):
         points.save(3, model=net)
-    monkeypatch.setattr(savepoints.components, "write_safetensors", real)
+    monkeypatch.setattr(savepoints.staging, "write_safetensors", real)
     assert [p.step for p in points.list()] == [1]
     assert not any((tmp_path / "run" / ".savepoints" / "staging").iterdir())
     points.save(3, model=net)
@@ -91,13 +104,13 @@ def test_background_failure_is_raised_on_the_next_call_and_leaves_nothing(tmp_pa
 def test_if_busy_skip_drops_a_save_while_one_is_in_flight(tmp_path, monkeypatch):
     net, _ = net_and_opt()
     gate = threading.Event()
-    real = savepoints.components.write_safetensors
+    real = savepoints.staging.write_safetensors
 
     def slow(*args, **kwargs):
         gate.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(savepoints.components, "write_safetensors", slow)
+    monkeypatch.setattr(savepoints.staging, "write_safetensors", slow)
     with SavePoints(tmp_path / "run", async_save=True, if_busy="skip") as points:
         first = points.save(1, model=net)
         assert points.busy and points.save(2, model=net) is None

@@ -20,7 +20,7 @@ from savepoints import (
     SavePoints,
     TagInUseError,
 )
-from savepoints.manager import PendingSave
+from savepoints.savepoint import PendingSave
 
 
 class Killed(BaseException):

@@ -55,6 +55,42 @@ def test_malformed_fields_are_named(good, change, fragment):
         parse_manifest({**good, **change}, Path("x"))
 
 
+_FILE = {"w.safetensors": {"size": 1, "hash": "x"}}
+
+
+@pytest.mark.parametrize(
+    ("contents", "fragment"),
+    [
+        ({"model": []}, "'contents.model' is not an object"),
+        ({"model": {"files": "w.safetensors"}}, "'contents.model.files'"),
+        ({"model": {"files": [1]}}, "'contents.model.files'"),
+        ({"model": {"files": ["w.safetensors"], "kind": "onnx"}}, "'contents.model.kind'"),
+        ({"model": {"files": ["w.safetensors"], "tied": ["a"]}}, "'contents.model.tied'"),
+        ({"optimizer": {"files": ["w.safetensors"], "class": 3}}, "'contents.optimizer.class'"),
+        ({"rng": {"files": ["w.safetensors"], "generators": "torch"}}, "'contents.rng.generators'"),
+        ({"extra": []}, "'contents.extra' is not an object"),
+        ({"extra": {"ema": {"files": "x"}}}, "'contents.extra.ema.files'"),
+        ({"files": "notes.json"}, "'contents.files'"),
+        ({"compacted": []}, "'contents.compacted'"),
+        ({"tokenizer": {"files": ["elsewhere.json"]}}, "not among its files"),
+    ],
+)
+def test_contents_that_do_not_fit_the_schema_are_named(good, contents, fragment):
+    with pytest.raises(ManifestError, match=fragment):
+        parse_manifest({**good, "files": _FILE, "contents": contents}, Path("x"))
+
+
+def test_contents_that_fit_the_schema_parse_including_unknown_components(good):
+    contents = {
+        "model": {"files": ["w.safetensors"], "kind": "torch", "class": "m.M", "tied": {}},
+        "rng": {"files": ["w.safetensors"], "generators": ["torch"]},
+        "extra": {"ema": {"files": ["w.safetensors"]}},
+        "data_loader": {"files": ["w.safetensors"], "position": 5},  # from a newer writer
+    }
+    m = parse_manifest({**good, "files": _FILE, "contents": contents}, Path("x"))
+    assert m.contents["model"]["kind"] == "torch" and "data_loader" in m.contents
+
+
 def test_newer_version_is_unsupported_not_malformed(good):
     with pytest.raises(UnsupportedFormatError):
         parse_manifest({**good, "format_version": 2}, Path("x"))

@@ -106,7 +106,7 @@ _GC_CHILD = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from savepoints.store import BlobStore
+    from savepoints.storage.blobs import BlobStore
     store = BlobStore(Path(sys.argv[1]))
     real_unlink = Path.unlink
     def slow_unlink(self, *a, **k):
@@ -246,7 +246,7 @@ def test_lora_adapter_run_stores_the_base_once_in_peft_layout(tmp_path):
 def test_interning_a_file_that_already_is_the_blob_leaves_nothing_behind(tmp_path):
     points = save_head_only_run(tmp_path / "run", n=1)
     sp = points.latest()
-    from savepoints.store import BlobStore
+    from savepoints.storage.blobs import BlobStore
 
     store = BlobStore(tmp_path / "run" / ".savepoints" / "blobs")
     assert store.intern_all(sp.path, sp.manifest.files) == len(sp.manifest.files)

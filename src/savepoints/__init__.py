@@ -32,10 +32,12 @@ from savepoints.errors import (
     UnserializableStateError,
     UnsupportedFormatError,
 )
-from savepoints.integrity import Problem, VerifyReport
+from savepoints.integrity import Problem, VerifyReport, verify
 from savepoints.keep import Keep
-from savepoints.manager import SavePoint, SavePoints, __version__, verify
+from savepoints.manager import SavePoints
 from savepoints.preemption import EXIT_DEADLINE, EXIT_PREEMPTED, Preemption
+from savepoints.savepoint import SavePoint
+from savepoints.version import __version__
 
 __all__ = [
     "EXIT_DEADLINE",

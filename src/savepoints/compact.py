@@ -30,14 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from savepoints.components import component_path
 from savepoints.errors import (
     CorruptSavePointError,
     InvalidArgumentError,
     MissingDependencyError,
 )
 from savepoints.integrity import hash_file
-from savepoints.manifest import FileEntry, Manifest
+from savepoints.manifest import CompactedInfo, Contents, FileEntry, Manifest
+from savepoints.serialize import component_path, dtype_width
 
 SUFFIX = ".zbg"
 MAGIC = b"SPZBG1\n\0"
@@ -63,7 +63,7 @@ def compress_file(source: Path, target: Path) -> None:
     pieces: list[bytes] = [cctx.compress(raw[:data_start])]
     layout: list[list[int]] = [[len(pieces[0])]]
     spans = sorted(
-        (v["data_offsets"][0], v["data_offsets"][1], _width(v["dtype"]))
+        (v["data_offsets"][0], v["data_offsets"][1], dtype_width(v["dtype"]))
         for k, v in header.items() if k != "__metadata__"
     )  # fmt: skip
     for begin, end, width in spans:
@@ -128,11 +128,6 @@ def decompress_file(source: Path, target: Path) -> None:
         f.write(out)
 
 
-def _width(dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
-            "I16": 2, "U16": 2}.get(dtype, 1)  # fmt: skip
-
-
 def require_plain(folder: Path, manifest: Manifest, action: str) -> None:
     """Refuse, clearly, to hand a compacted save point to code that reads files directly."""
     if compacted(manifest):
@@ -144,7 +139,7 @@ def require_plain(folder: Path, manifest: Manifest, action: str) -> None:
         )
 
 
-def compacted(manifest: Manifest) -> dict[str, dict[str, Any]]:
+def compacted(manifest: Manifest) -> dict[str, CompactedInfo]:
     """``{compressed file: {"of": original, "size": ..., "hash": ...}}``."""
     return dict(manifest.contents.get("compacted", {}))
 
@@ -179,7 +174,7 @@ def expanded_view(folder: Path, manifest: Manifest) -> Iterator[Path]:
         shutil.rmtree(view, ignore_errors=True)
 
 
-def _check(path: Path, info: dict[str, Any]) -> None:
+def _check(path: Path, info: CompactedInfo) -> None:
     size, digest = hash_file(path)
     if size != info["size"] or digest != info["hash"]:
         raise CorruptSavePointError(path, [f"{info['of']}: decompressed bytes differ"])
@@ -190,7 +185,7 @@ def rewrite(folder: Path, manifest: Manifest, staging: Path, compress: bool) -> 
     manifest, which the commit writes last. Unchanged files are hard-linked, not copied."""
     packed = compacted(manifest)
     files: dict[str, FileEntry] = {}
-    new_packed: dict[str, dict[str, Any]] = {}
+    new_packed: dict[str, CompactedInfo] = {}
     if compress:
         todo = {rel for rel in manifest.files if rel.endswith(".safetensors")}
     else:
@@ -224,7 +219,7 @@ def rewrite(folder: Path, manifest: Manifest, staging: Path, compress: bool) -> 
             with open(staging / original, "rb") as f:
                 os.fsync(f.fileno())
             files[original] = FileEntry(packed[rel]["size"], packed[rel]["hash"])
-    contents = dict(manifest.contents)
+    contents: Contents = {**manifest.contents}
     if new_packed:
         contents["compacted"] = new_packed
     else:

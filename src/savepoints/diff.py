@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from savepoints.components import layer_of
 from savepoints.errors import InvalidArgumentError
 from savepoints.layout import MANIFEST_NAME
-from savepoints.manager import SavePoint
+from savepoints.savepoint import SavePoint
 from savepoints.serialize import read_json_object
+from savepoints.weights import layer_of
 
 
 @dataclass

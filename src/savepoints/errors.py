@@ -333,3 +333,27 @@ class StateMismatchError(SavePointsError, ValueError):
             f"Build the {what} exactly as it was when saved (same class, config and "
             "parameters); nothing was changed in it.",
         )
+
+
+class IncompatibleTransformersError(SavePointsError, RuntimeError):
+    """The installed transformers' ``Trainer`` lacks a private method that the Trainer
+    integration replaces, or has it with other parameters: a release it does not support."""
+
+    def __init__(self, method: str, problem: str, version: str, minimum: str) -> None:
+        self.method = method
+        self.version = version
+        self.minimum = minimum
+
+        def release(v: str) -> tuple[int, ...]:
+            return tuple(int(part) for part in v.split("+")[0].split(".")[:2] if part.isdigit())
+
+        # Older than the minimum: upgrade. Newer: a release that changed the Trainer after
+        # this savepoints was made; stay below it until savepoints catches up.
+        too_new = release(version) >= release(minimum)
+        wanted = f">={minimum},<{version}" if too_new else f">={minimum}"
+        super().__init__(
+            f"Trainer.{method} {problem} in transformers {version}; SavePointsCallback replaces "
+            "it to save and resume through savepoints, so it cannot run this Trainer.",
+            f"savepoints supports transformers >= {minimum}: pip install 'transformers{wanted}'"
+            + (", or a newer savepoints." if too_new else "."),
+        )

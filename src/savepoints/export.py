@@ -22,15 +22,18 @@ from typing import Any, Literal
 
 import torch
 
-from savepoints import atomic, components
+from savepoints import atomic
 from savepoints.compact import require_plain
 from savepoints.errors import CorruptSavePointError, InvalidArgumentError
 from savepoints.layout import MANIFEST_NAME, TRAINING_STATE_DIR
-from savepoints.manager import SavePoint, __version__
-from savepoints.serialize import read_json_object
+from savepoints.savepoint import SavePoint
+from savepoints.serialize import DTYPE_ALIASES, component_path, read_json_object, reading
+from savepoints.staging import FileRecorder
+from savepoints.training_state import read_tree, rng_to_hf
+from savepoints.version import __version__
+from savepoints.weights import DEFAULT_MAX_SHARD_BYTES, read_model_tensors, write_weights
 
 Format = Literal["hf", "hf-trainer"]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TRAINING_ONLY = {MANIFEST_NAME, "trainer_state.json"}
 
 
@@ -46,9 +49,10 @@ def export(
     out = Path(out)
     if fmt not in ("hf", "hf-trainer"):
         raise InvalidArgumentError(f"Unknown export format {fmt!r}.", "Use 'hf' or 'hf-trainer'.")
-    if dtype is not None and dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPE_ALIASES:
         raise InvalidArgumentError(
-            f"Unknown dtype {dtype!r}.", f"Use one of {', '.join(DTYPES)} (or none to keep it)."
+            f"Unknown dtype {dtype!r}.",
+            f"Use one of {', '.join(DTYPE_ALIASES)} (or none to keep it)."
         )
     if dtype is not None and fmt == "hf-trainer":
         raise InvalidArgumentError(
@@ -79,8 +83,8 @@ def export(
             failed="is not safe to export",
         )
     with atomic.stage_beside(out).begin() as staged:
-        rec = components.FileRecorder(staged.path)
-        with components.reading(point.path):
+        rec = FileRecorder(staged.path)
+        with reading(point.path):
             _copy_model_folder(point, rec, dtype, keep_trainer_state=fmt == "hf-trainer")
             if fmt == "hf":
                 rec.write_bytes("README.md", model_card(point, dtype).encode())
@@ -95,7 +99,7 @@ NEVER_EXPORTED = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", 
 
 
 def _copy_model_folder(
-    point: SavePoint, rec: components.FileRecorder, dtype: str | None, keep_trainer_state: bool
+    point: SavePoint, rec: FileRecorder, dtype: str | None, keep_trainer_state: bool
 ) -> None:
     model_info = point.contents["model"]
     weight_files = set(model_info.get("files", []))
@@ -105,16 +109,17 @@ def _copy_model_folder(
         if rel in _TRAINING_ONLY and not (keep_trainer_state and rel == "trainer_state.json"):
             continue
         if rel == "config.json" and dtype is not None:
-            config = json.loads(components.component_path(point.path, rel).read_bytes())
-            config["dtype"] = config["torch_dtype"] = str(DTYPES[dtype]).removeprefix("torch.")
+            config = json.loads(component_path(point.path, rel).read_bytes())
+            cast_to = str(DTYPE_ALIASES[dtype]).removeprefix("torch.")
+            config["dtype"] = config["torch_dtype"] = cast_to
             rec.write_bytes(rel, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
         else:
-            rec.copy_file(rel, components.component_path(point.path, rel))
+            rec.copy_file(rel, component_path(point.path, rel))
     if dtype is None:
         from safetensors import safe_open
 
         for rel in sorted(weight_files):
-            source = components.component_path(point.path, rel)
+            source = component_path(point.path, rel)
             if rel.endswith(".safetensors"):
                 # Parse the header (names, dtypes, offsets inside the file) before
                 # shipping it: a bundle that from_pretrained cannot load is no bundle.
@@ -122,10 +127,10 @@ def _copy_model_folder(
                     list(f.keys())
             rec.copy_file(rel, source)
         return
-    tensors = components.read_model_tensors(point.path, model_info)
-    target = DTYPES[dtype]
+    tensors = read_model_tensors(point.path, model_info)
+    target = DTYPE_ALIASES[dtype]
     cast = {k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()}
-    components.write_weights(rec, cast, components.DEFAULT_MAX_SHARD_BYTES)
+    write_weights(rec, cast, DEFAULT_MAX_SHARD_BYTES)
 
 
 def _write_trainer_state_files(point: SavePoint, out: Path) -> None:
@@ -139,20 +144,15 @@ def _write_trainer_state_files(point: SavePoint, out: Path) -> None:
             "best_model_checkpoint": None,
         }
         (out / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-    for key, fname in (("optimizer", "optimizer.pt"), ("scheduler", "scheduler.pt")):
-        if key in contents:
-            torch.save(components.read_tree(point.path, contents[key]), out / fname)
+    for info, fname in ((contents.get("optimizer"), "optimizer.pt"),
+                        (contents.get("scheduler"), "scheduler.pt")):  # fmt: skip
+        if info is not None:
+            torch.save(read_tree(point.path, info), out / fname)
     if "rng" in contents:
-        ours = components.read_tree(point.path, contents["rng"])
-        hf: dict[str, Any] = {k: ours[k] for k in ("python", "numpy") if k in ours}
-        if "torch" in ours:
-            hf["cpu"] = ours["torch"]
-        if "cuda" in ours:
-            hf["cuda"] = ours["cuda"][0] if len(ours["cuda"]) == 1 else ours["cuda"]
-        torch.save(hf, out / "rng_state.pth")
+        torch.save(rng_to_hf(read_tree(point.path, contents["rng"])), out / "rng_state.pth")
     scaler = contents.get("extra", {}).get("scaler")
     if scaler is not None:
-        torch.save(components.read_tree(point.path, scaler), out / "scaler.pt")
+        torch.save(read_tree(point.path, scaler), out / "scaler.pt")
     for name in os.listdir(out):
         with open(out / name, "rb") as f:
             os.fsync(f.fileno())

@@ -17,15 +17,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from savepoints import components
 from savepoints.errors import InvalidArgumentError
-from savepoints.manager import SavePoint, SavePoints, _check_metrics
+from savepoints.manager import SavePoint, SavePoints
+from savepoints.manifest import ComponentInfo, Contents
 from savepoints.serialize import encode_tree, read_json_object
+from savepoints.staging import FileRecorder
+from savepoints.training_state import rng_from_hf, write_rng, write_tree
+from savepoints.validate import check_metrics
+from savepoints.weights import WEIGHTS_INDEX_NAME, dedupe_aliases, write_weights
+from savepoints.writer import WriteFn
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 NEVER_READ = {"training_args.bin"}
 # HF's torch.save files and what they become here.
-_STATE_FILES = {"optimizer.pt": "optimizer", "scheduler.pt": "scheduler"}
+_STATE_FILES = {"optimizer.pt", "scheduler.pt"}
 _WEIGHT_BINS = re.compile(r"^pytorch_model(-\d{5}-of-\d{5})?\.bin$")
 _SKIP = re.compile(r"^(rng_state(_\d+)?\.pth|scaler\.pt|pytorch_model\.bin\.index\.json)$")
 
@@ -95,12 +100,17 @@ def _metrics_at(state: dict[str, Any] | None, step: int) -> dict[str, float]:
             )
             if wanted and isinstance(v, (int, float)) and not isinstance(v, bool):
                 metrics[k] = float(v)
-    return _check_metrics(metrics)
+    return check_metrics(metrics)
 
 
-def _writer(folder: Path, max_shard: int) -> Callable[[components.FileRecorder], dict[str, Any]]:
-    def write(rec: components.FileRecorder) -> dict[str, Any]:
-        contents: dict[str, Any] = {}
+def _state_file(rec: FileRecorder, path: Path, name: str) -> ComponentInfo:
+    skeleton, tensors = encode_tree(_weights_only_load(path), f"{name} state")
+    return write_tree(rec, name, skeleton, tensors)
+
+
+def _writer(folder: Path, max_shard: int) -> WriteFn:
+    def write(rec: FileRecorder) -> Contents:
+        contents: Contents = {}
         bins: list[Path] = []
         model_files: list[str] = []
         for path in sorted(folder.rglob("*")):
@@ -114,14 +124,14 @@ def _writer(folder: Path, max_shard: int) -> Callable[[components.FileRecorder],
                 bins.append(path)
                 continue
             rec.copy_file(rel, path)
-            if name.endswith(".safetensors") or name == components.WEIGHTS_INDEX_NAME:
+            if name.endswith(".safetensors") or name == WEIGHTS_INDEX_NAME:
                 model_files.append(rel)
         if bins:
             state: dict[str, torch.Tensor] = {}
             for b in bins:
                 state.update(_weights_only_load(b))
-            tensors, _ = components.dedupe_aliases(state)
-            model_files = components.write_weights(rec, tensors, max_shard)
+            tensors, _ = dedupe_aliases(state)
+            model_files = write_weights(rec, tensors, max_shard)
         if model_files:
             config = read_json_object(folder / "config.json")
             arch = (config.get("architectures") or ["?"])[0] if config else "?"
@@ -130,24 +140,16 @@ def _writer(folder: Path, max_shard: int) -> Callable[[components.FileRecorder],
                 "class": arch,
                 "files": sorted(model_files, key=lambda f: not f.endswith(".json")),
             }
-        for fname, key in _STATE_FILES.items():
-            if (folder / fname).is_file():
-                skeleton, tensors = encode_tree(_weights_only_load(folder / fname), f"{key} state")
-                contents[key] = components.write_tree(rec, key, skeleton, tensors)
+        if (folder / "optimizer.pt").is_file():
+            contents["optimizer"] = _state_file(rec, folder / "optimizer.pt", "optimizer")
+        if (folder / "scheduler.pt").is_file():
+            contents["scheduler"] = _state_file(rec, folder / "scheduler.pt", "scheduler")
         if (folder / "rng_state.pth").is_file():
-            rng = _weights_only_load(folder / "rng_state.pth")
-            ours: dict[str, Any] = {k: rng[k] for k in ("python", "numpy") if k in rng}
-            if "cpu" in rng:
-                ours["torch"] = rng["cpu"]
-            if "cuda" in rng:
-                cuda = rng["cuda"]
-                ours["cuda"] = list(cuda) if isinstance(cuda, (list, tuple)) else [cuda]
-            skeleton, tensors = encode_tree(ours, "rng state")
-            contents["rng"] = components.write_tree(rec, "rng", skeleton, tensors)
-            contents["rng"]["generators"] = sorted(ours)
+            hf_rng = _weights_only_load(folder / "rng_state.pth")
+            contents["rng"] = write_rng(rec, rng_from_hf(hf_rng))
         if (folder / "scaler.pt").is_file():
             skeleton, tensors = encode_tree(_weights_only_load(folder / "scaler.pt"), "scaler")
-            contents["extra"] = {"scaler": components.write_tree(rec, "scaler", skeleton, tensors)}
+            contents["extra"] = {"scaler": write_tree(rec, "scaler", skeleton, tensors)}
         return contents
 
     return write
@@ -170,7 +172,7 @@ def import_hf(
         if trainer_state and isinstance(trainer_state.get("epoch"), (int, float)):
             state["epoch"] = trainer_state["epoch"]
         skipped = sorted(n for n in NEVER_READ if (folder / n).exists())
-        sp = points._save_with(
+        sp = points.save_with(
             step, _writer(folder, points.max_shard_size),
             metrics=_metrics_at(trainer_state, step), state=state, tags=(), overwrite=overwrite,
         )  # fmt: skip

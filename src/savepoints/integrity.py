@@ -15,9 +15,11 @@ from typing import Literal
 
 import blake3
 
-from savepoints.errors import CorruptSavePointError
+from savepoints.errors import CorruptSavePointError, NotARunError, RunNotFoundError, SavePointsError
+from savepoints.layout import MANIFEST_NAME, RunLayout, parse_step
+from savepoints.manifest import HASH_ALGORITHM, manifest_hash_problem, read_manifest_bytes
 
-HASH_ALGORITHM = "blake3"
+__all__ = ["HASH_ALGORITHM", "Problem", "StreamHasher", "VerifyReport", "hash_file", "verify"]
 _READ_CHUNK = 16 * 1024 * 1024
 
 
@@ -152,3 +154,56 @@ def _is_inside(root: Path, target: Path) -> bool:
     except ValueError:
         return False
     return True
+
+
+# ------------------------------------------------------------ save points and runs
+
+
+def verify_point(folder: Path) -> VerifyReport:
+    """Re-hash every file a save point's manifest lists, and the manifest's own hash."""
+    try:
+        manifest, raw = read_manifest_bytes(folder / MANIFEST_NAME)
+    except SavePointsError as e:
+        report = VerifyReport(path=folder)
+        report.problems.append(Problem("manifest", MANIFEST_NAME, str(e)))
+        return report
+    expected = {rel: (e.size, e.hash) for rel, e in manifest.files.items()}
+    report = verify_files(folder, expected, ignore={MANIFEST_NAME})
+    why = manifest_hash_problem(raw, manifest)
+    if why is not None:
+        report.problems.insert(0, Problem("manifest", MANIFEST_NAME, why))
+    return report
+
+
+def verify_run(root: Path) -> VerifyReport:
+    """Verify every folder of a run named like a save point (committed or not)."""
+    report = VerifyReport(path=root)
+    for _step, folder in RunLayout(root).candidate_dirs():
+        child = verify_point(folder)
+        report.children.append(child)
+        report.files_checked += child.files_checked
+        report.bytes_checked += child.bytes_checked
+    return report
+
+
+def verify(path: str | os.PathLike[str]) -> VerifyReport:
+    """Verify a save point folder, or every save point folder of a run folder.
+
+    The report is truthy when everything verified; ``report.all_problems()`` names each
+    missing, extra, truncated or altered file.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise RunNotFoundError(folder)
+    if not folder.is_dir():
+        raise NotARunError(folder, "it is a file, not a folder")
+    if (folder / MANIFEST_NAME).exists():
+        return verify_point(folder)
+    if parse_step(folder.name) is not None:
+        # Named like a save point but without a manifest: uncommitted or damaged.
+        report = VerifyReport(path=folder)
+        report.problems.append(
+            Problem("manifest", MANIFEST_NAME, "missing: this folder was never committed")
+        )
+        return report
+    return verify_run(folder)

@@ -23,17 +23,83 @@ import os
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict, cast
 
 import blake3
 
 from savepoints.errors import ManifestError, UnsupportedFormatError
-from savepoints.integrity import HASH_ALGORITHM
+
+#: The content hash every file entry uses (see integrity.py).
+HASH_ALGORITHM = "blake3"
 
 FORMAT_NAME = "savepoints.savepoint"
 FORMAT_VERSION = 1
 #: A manifest larger than this is refused unread (a hostile or broken file).
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------
+# ``contents``: which component of the training state lives in which files. Described
+# once here; checked when a manifest is parsed, so readers can trust the shapes below.
+
+ModelKind = Literal["transformers", "peft", "torch"]
+MODEL_KINDS: tuple[ModelKind, ...] = ("transformers", "peft", "torch")
+
+#: A component restored through ``load_state_dict`` (optimizer, scheduler, an extra),
+#: or the tokenizer: the files it is read from and the class it was saved from.
+ComponentInfo = TypedDict("ComponentInfo", {"files": list[str], "class": str}, total=False)
+
+#: The model: its weight files (safetensors, or shards plus the standard index), how it
+#: was saved (a Transformers model, a PEFT adapter, a plain torch module), the tensor
+#: count and bytes, and the names of tied weights stored once (dropped -> kept).
+ModelInfo = TypedDict(
+    "ModelInfo",
+    {
+        "files": list[str],
+        "class": str,
+        "kind": ModelKind,
+        "tensors": int,
+        "bytes": int,
+        "tied": dict[str, str],
+    },
+    total=False,
+)
+
+
+class RngInfo(TypedDict, total=False):
+    """The random number generators: their state files and which generators they hold."""
+
+    files: list[str]
+    generators: list[str]
+
+
+class CompactedInfo(TypedDict):
+    """A compacted file: the original it rebuilds, with that original's size and hash."""
+
+    of: str
+    size: int
+    hash: str
+
+
+class Contents(TypedDict, total=False):
+    """The manifest's ``contents``. Every key is optional: a save point holds what was
+    given to ``save()``. Unknown keys (from a newer writer) are kept and ignored."""
+
+    model: ModelInfo
+    tokenizer: ComponentInfo
+    optimizer: ComponentInfo
+    scheduler: ComponentInfo
+    rng: RngInfo
+    #: ``save(extra={name: obj})``: one entry per name.
+    extra: dict[str, ComponentInfo]
+    #: ``save(files={...})``: the names of the files placed as they were given.
+    files: list[str]
+    #: Files compressed by ``compact``: ``{compressed file: what it rebuilds}``.
+    compacted: dict[str, CompactedInfo]
+
+
+#: Keys of ``contents`` whose value is one component entry.
+COMPONENTS = ("model", "tokenizer", "optimizer", "scheduler", "rng")
 
 
 @dataclass(frozen=True)
@@ -51,7 +117,7 @@ class Manifest:
     tags: tuple[str, ...] = ()
     state: dict[str, Any] = field(default_factory=dict)
     parent: int | None = None
-    contents: dict[str, Any] = field(default_factory=dict)
+    contents: Contents = field(default_factory=lambda: Contents())
     versions: dict[str, str] = field(default_factory=dict)
     #: The retention policy in force when this was saved (lets readers find "best").
     keep: dict[str, Any] | None = None
@@ -250,7 +316,7 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
         tags=tuple(tags),
         state=state,
         parent=parent,
-        contents=contents,
+        contents=cast(Contents, contents),
         versions={str(k): str(v) for k, v in versions.items()},
         keep=keep,
         hash_algorithm=algorithm,
@@ -259,10 +325,51 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
     )
 
 
+def _entry_problem(where: str, info: Any) -> str | None:
+    """Why one component entry does not have the shape of :data:`ComponentInfo` (and,
+    for the model, :data:`ModelInfo`), or None."""
+    if not isinstance(info, dict):
+        return f"'{where}' is not an object"
+    names = info.get("files", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return f"'{where}.files' is not a list of file names"
+    if "class" in info and not isinstance(info["class"], str):
+        return f"'{where}.class' is not a string"
+    if where == "contents.model":
+        if "kind" in info and info["kind"] not in MODEL_KINDS:
+            return f"'{where}.kind' is {info['kind']!r}, not one of {', '.join(MODEL_KINDS)}"
+        tied = info.get("tied", {})
+        if not isinstance(tied, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in tied.items()
+        ):
+            return f"'{where}.tied' is not an object of names to names"
+    if where == "contents.rng":
+        generators = info.get("generators", [])
+        if not isinstance(generators, list) or not all(isinstance(g, str) for g in generators):
+            return f"'{where}.generators' is not a list of names"
+    return None
+
+
 def _contents_problem(contents: dict[str, Any], files: dict[str, FileEntry]) -> str | None:
-    """Every file a component is read from must be one the manifest lists (and so
-    verifies), or the original of a compacted one: a hostile manifest cannot point a
-    reader at a file outside its own, checked list."""
+    """Check ``contents`` against :class:`Contents`, and that every file a component is
+    read from is one the manifest lists (and so verifies), or the original of a
+    compacted one: a hostile manifest cannot point a reader at a file outside its own,
+    checked list."""
+    for key in COMPONENTS:
+        if key in contents:
+            why = _entry_problem(f"contents.{key}", contents[key])
+            if why is not None:
+                return why
+    extra = contents.get("extra", {})
+    if not isinstance(extra, dict):
+        return "'contents.extra' is not an object"
+    for name, info in extra.items():
+        why = _entry_problem(f"contents.extra.{name}", info)
+        if why is not None:
+            return why
+    placed = contents.get("files", [])
+    if not isinstance(placed, list) or not all(isinstance(n, str) for n in placed):
+        return "'contents.files' is not a list of file names"
     packed = contents.get("compacted", {})
     if not isinstance(packed, dict):
         return "'contents.compacted' is not an object"

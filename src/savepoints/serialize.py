@@ -21,7 +21,7 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,34 +29,58 @@ from typing import Any
 import numpy as np
 import torch
 
-from savepoints.errors import UnserializableStateError
+from savepoints.errors import (
+    CorruptSavePointError,
+    SavePointGoneError,
+    SavePointsError,
+    UnserializableStateError,
+)
 from savepoints.integrity import StreamHasher
+from savepoints.layout import MANIFEST_NAME
+from savepoints.manifest import is_safe_relpath
 
-# safetensors dtype names; the format is little-endian and so is every platform torch
-# ships for, so tensor memory is written as is.
-_DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
+# The one dtype table: safetensors code -> (torch dtype name, bytes per element). The
+# widths are part of the format (compacted files group bytes by them), so they are
+# written here, not asked of the installed torch. The format is little-endian and so is
+# every platform torch ships for, so tensor memory is written as is.
+SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "U16": ("uint16", 2),
+    "U32": ("uint32", 4),
+    "U64": ("uint64", 8),
 }
-for _name, _code in (
-    ("float8_e4m3fn", "F8_E4M3"),
-    ("float8_e5m2", "F8_E5M2"),
-    ("uint16", "U16"),
-    ("uint32", "U32"),
-    ("uint64", "U64"),
-):
-    if hasattr(torch, _name):
-        _DTYPE_NAMES[getattr(torch, _name)] = _code
+#: The codes this torch can load (older releases lack some dtypes).
+DTYPE_FROM_NAME: dict[str, torch.dtype] = {
+    code: getattr(torch, name)
+    for code, (name, _) in SAFETENSORS_DTYPES.items()
+    if isinstance(getattr(torch, name, None), torch.dtype)
+}
+_DTYPE_NAMES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPE_FROM_NAME.items()}
 
-DTYPE_FROM_NAME: dict[str, torch.dtype] = {code: dtype for dtype, code in _DTYPE_NAMES.items()}
+
+def dtype_width(code: str) -> int:
+    """Bytes per element of a safetensors dtype code (1 for codes we do not know)."""
+    return SAFETENSORS_DTYPES.get(code, ("", 1))[1]
+
+
+#: The names users give for casting (``savepoints export --dtype``).
+DTYPE_ALIASES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
 
 # Writes go out in pieces of this size: large enough for sequential throughput, small
 # enough that hashing one piece overlaps well with the kernel writing the previous one.
@@ -328,3 +352,45 @@ def check_json(value: Any, where: str, key: str = "") -> Any:
             out[k] = check_json(v, where, _join(key, k))
         return out
     raise UnserializableStateError(where, key or "(root)", value)
+
+
+# --------------------------------------------------------------------------------------
+# Reading a save point's files safely
+
+
+@contextlib.contextmanager
+def reading(folder: Path) -> Iterator[None]:
+    """Reading a save point's files: whatever a malformed file makes a reader raise
+    (safetensors, JSON, the state decoder, load_state_dict) becomes one clear
+    CorruptSavePointError naming the save point; if the save point vanished meanwhile
+    (pruned by the process writing the run), a SavePointGoneError. Our own errors, and
+    other OSErrors (a full disk while writing a copy), pass through as they are."""
+    try:
+        yield
+    except SavePointsError:
+        raise
+    except (Exception, RecursionError) as e:
+        if not (folder / MANIFEST_NAME).exists():
+            raise SavePointGoneError(folder) from e  # a reader racing a pruning writer
+        if isinstance(e, OSError):
+            raise
+        text = str(e).splitlines()[0][:300] if str(e) else ""
+        raise CorruptSavePointError(
+            folder, [f"{type(e).__name__}: {text}" if text else type(e).__name__],
+            failed="cannot be read",
+        ) from e  # fmt: skip
+
+
+def component_path(folder: Path, rel: str) -> Path:
+    """``folder / rel`` for reading, refused when it could lead outside the folder: an
+    unsafe name, or a symbolic link on the way (checked even with ``verify=False``)."""
+    if not isinstance(rel, str) or not is_safe_relpath(rel):
+        raise CorruptSavePointError(folder, [f"{rel!r}: leaves the save point folder"],
+                                    failed="cannot be read")  # fmt: skip
+    path = folder
+    for part in rel.split("/"):
+        path = path / part
+        if path.is_symlink():
+            raise CorruptSavePointError(folder, [f"{rel}: is a symbolic link"],
+                                        failed="cannot be read")  # fmt: skip
+    return path

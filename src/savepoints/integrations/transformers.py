@@ -8,8 +8,10 @@
     trainer.train(resume_from_checkpoint=resume_path(points))   # None on a fresh run
 
 How it works: the callback attaches itself to its Trainer (found when the Trainer
-finishes ``__init__``; or call ``callback.attach(trainer)``) and takes over the four
-methods through which the Trainer writes and reads checkpoints, on that instance only:
+finishes ``__init__``; or call ``callback.attach(trainer)``) and takes over the private
+methods through which the Trainer writes and reads checkpoints, on that instance only
+(after checking that this transformers has each of them, with the parameters it relies
+on: see :data:`REPLACED_METHODS`):
 
 * ``_save_checkpoint`` writes a save point (model, processing class, optimizer,
   scheduler, grad scaler, RNG, ``trainer_state.json``, eval metrics) whenever the Trainer
@@ -40,15 +42,30 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from savepoints import components
 from savepoints.compact import require_plain
-from savepoints.errors import InvalidArgumentError
+from savepoints.errors import IncompatibleTransformersError, InvalidArgumentError
 from savepoints.keep import Keep
 from savepoints.layout import MANIFEST_NAME
 from savepoints.manager import SavePoint, SavePoints
 from savepoints.preemption import Preemption
+from savepoints.restore import restore_into
 
 TRAINER_STATE_NAME = "trainer_state.json"
+#: The oldest transformers the integration works with: CI runs the Trainer tests against
+#: it (scripts/min-versions.txt, which says why older ones fail) and the newest release.
+MIN_TRANSFORMERS = "4.52"
+#: The private Trainer methods that ``attach`` replaces, with the parameters (after
+#: ``self``) that the Trainer calls them with and that the replacements take. A release
+#: that renames, removes or re-signs one of them gets an IncompatibleTransformersError at
+#: attach time instead of a Trainer that silently writes or reads the wrong thing.
+REPLACED_METHODS: dict[str, tuple[str, ...]] = {
+    "_save_checkpoint": ("model", "trial"),
+    "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
+    "_load_optimizer_and_scheduler": ("checkpoint",),
+    "_load_rng_state": ("checkpoint",),
+    "_load_scaler": ("checkpoint",),
+    "_load_best_model": (),
+}
 # Eval outputs that describe speed, not quality: never recorded as metrics.
 _NOT_METRICS = ("_runtime", "_per_second", "epoch")
 
@@ -60,13 +77,19 @@ def resume_path(points: SavePoints) -> str | None:
     return str(latest.path) if latest is not None else None
 
 
-def keep_from_args(args: Any) -> Keep:
-    """The retention that ``TrainingArguments`` asks of Trainer's own checkpoints."""
+def _best_metric_key(args: Any) -> str | None:
+    """The eval metric that ``TrainingArguments`` ranks checkpoints by, as logged."""
     metric = args.metric_for_best_model
     if metric is None and getattr(args, "load_best_model_at_end", False):
         metric = "loss"
     if metric is not None and not metric.startswith("eval_"):
         metric = f"eval_{metric}"
+    return metric
+
+
+def keep_from_args(args: Any) -> Keep:
+    """The retention that ``TrainingArguments`` asks of Trainer's own checkpoints."""
+    metric = _best_metric_key(args)
     greater = getattr(args, "greater_is_better", None)
     if greater is None and metric is not None:
         greater = not metric.endswith("loss")
@@ -140,6 +163,7 @@ class SavePointsCallback(TrainerCallback):
                 "This SavePointsCallback is already attached to another Trainer.",
                 "Create one SavePointsCallback per Trainer.",
             )
+        check_trainer(trainer)  # before anything is changed on it
         self.trainer = trainer
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
@@ -272,6 +296,33 @@ def _numeric(values: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def check_trainer(trainer: Any) -> None:
+    """Raise IncompatibleTransformersError unless ``trainer`` has every method in
+    :data:`REPLACED_METHODS`, taking exactly the parameters listed there."""
+    for name, expected in REPLACED_METHODS.items():
+        method = getattr(trainer, name, None)
+        if not callable(method):
+            raise IncompatibleTransformersError(name, "does not exist", _transformers_version(),
+                                                MIN_TRANSFORMERS)  # fmt: skip
+        try:
+            params = tuple(inspect.signature(method).parameters)
+        except (TypeError, ValueError):  # a builtin or C method: no signature to compare
+            params = None
+        if params is not None and params != expected:
+            raise IncompatibleTransformersError(
+                name,
+                f"takes ({', '.join(params)}), not ({', '.join(expected)})",
+                _transformers_version(),
+                MIN_TRANSFORMERS,
+            )
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return str(getattr(transformers, "__version__", "unknown"))
+
+
 def _calling_trainer() -> Any:
     """The Trainer whose method is running up the stack (the callback is not given it)."""
     frame = inspect.currentframe()
@@ -301,6 +352,10 @@ def _save_checkpoint(cb: SavePointsCallback, model: Any, trial: Any) -> None:
         trainer.store_flos()
     step = state.global_step
     best_step = getattr(state, "best_global_step", None)
+    if best_step != step and _is_new_best(cb, args, state, step):
+        # Before transformers 5.4, save_strategy="best" leaves best_global_step unset (so
+        # the Trainer never learns where its best checkpoint is); record it as 5.4 does.
+        best_step = state.best_global_step = step
     if best_step:
         best = cb.points.folder_for(best_step)
         if best_step == step or best.is_dir():
@@ -335,31 +390,42 @@ def _save_checkpoint(cb: SavePointsCallback, model: Any, trial: Any) -> None:
     )
 
 
+def _is_new_best(cb: SavePointsCallback, args: Any, state: Any, step: int) -> bool:
+    """Under ``save_strategy="best"`` (which saves only on a new best), whether the eval
+    of this very step is the best one so far."""
+    key = _best_metric_key(args)
+    if args.save_strategy != "best" or key is None or state.best_metric is None:
+        return False
+    last = cb._last_eval
+    return last is not None and last[0] == step and last[1].get(key) == float(state.best_metric)
+
+
+# The Trainer calls its loaders one at a time (model first, optimizer and scheduler once
+# they exist, RNG at the start of the epoch); each goes through the same check-then-apply
+# path as SavePoints.restore, for what the save point holds.
+
+
 def _restore_model(cb: SavePointsCallback, point: SavePoint, model: Any = None) -> None:
-    target = model if model is not None else cb.trainer.model
-    components.restore_model(target, point.path, point.manifest.contents["model"])
+    restore_into(point, model=model if model is not None else cb.trainer.model)
 
 
 def _restore_optimizer_and_scheduler(cb: SavePointsCallback, point: SavePoint) -> None:
     contents = point.manifest.contents
-    if "optimizer" in contents:
-        components.restore_optimizer(cb.trainer.optimizer, point.path, contents["optimizer"])
-    if "scheduler" in contents:
-        scheduler = cb.trainer.lr_scheduler
-        components.restore_object("scheduler", scheduler, point.path, contents["scheduler"])
+    restore_into(
+        point,
+        optimizer=cb.trainer.optimizer if "optimizer" in contents else None,
+        scheduler=cb.trainer.lr_scheduler if "scheduler" in contents else None,
+    )
 
 
 def _restore_rng(cb: SavePointsCallback, point: SavePoint) -> None:
-    info = point.manifest.contents.get("rng")
-    if info is not None:
-        components.restore_rng(components.read_tree(point.path, info), point.path)
+    restore_into(point, rng=True)
 
 
 def _restore_scaler(cb: SavePointsCallback, point: SavePoint) -> None:
-    info = point.manifest.contents.get("extra", {}).get("scaler")
     scaler = getattr(cb.trainer.accelerator, "scaler", None)
-    if info is not None and scaler is not None:
-        components.restore_object("scaler", scaler, point.path, info)
+    if "scaler" in point.manifest.contents.get("extra", {}) and scaler is not None:
+        restore_into(point, extra={"scaler": scaler})
 
 
 def _save_point_or_original(name: str, restore: Callable[..., None]) -> Callable[..., Any]:
@@ -369,9 +435,7 @@ def _save_point_or_original(name: str, restore: Callable[..., None]) -> Callable
     def load(cb: SavePointsCallback, checkpoint: str | None, *args: Any) -> Any:
         if checkpoint is None or not is_savepoint(checkpoint):
             return cb._originals[name](checkpoint, *args)
-        point = cb._savepoint(checkpoint)
-        with components.reading(point.path):
-            restore(cb, point, *args)
+        restore(cb, cb._savepoint(checkpoint), *args)
         return None
 
     return load

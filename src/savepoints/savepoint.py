@@ -1,0 +1,125 @@
+"""One save point, committed (:class:`SavePoint`) or being written in the background
+(:class:`PendingSave`)."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from savepoints.integrity import VerifyReport, verify_point
+from savepoints.layout import MANIFEST_NAME
+from savepoints.manifest import Manifest, read_manifest
+
+
+class SavePoint:
+    """One committed save point: a folder that ``from_pretrained`` loads, plus training state.
+
+    Cheap to create; holds the parsed manifest, never the tensors.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        self.path = path
+        self._manifest = manifest
+
+    @property
+    def manifest(self) -> Manifest:
+        """The parsed ``savepoint.json``."""
+        return self._manifest
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> SavePoint:
+        """Open a save point folder directly (no run needed)."""
+        folder = Path(path)
+        return cls(folder, read_manifest(folder / MANIFEST_NAME))
+
+    @property
+    def step(self) -> int:
+        return self.manifest.step
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return dict(self.manifest.metrics)
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return self.manifest.tags
+
+    @property
+    def created(self) -> datetime:
+        return self.manifest.created
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The user state saved with ``save(state=...)``."""
+        return dict(self.manifest.state)
+
+    @property
+    def parent(self) -> int | None:
+        """Step of the save point this one continued from, when known."""
+        return self.manifest.parent
+
+    @property
+    def size(self) -> int:
+        """Bytes of all files listed in the manifest."""
+        return self.manifest.total_size
+
+    @property
+    def contents(self) -> dict[str, Any]:
+        return dict(self.manifest.contents)
+
+    def verify(self) -> VerifyReport:
+        """Re-hash every file; the report names each missing, extra, truncated or altered one."""
+        return verify_point(self.path)
+
+    def __repr__(self) -> str:
+        return f"SavePoint(step={self.step}, path={str(self.path)!r}, metrics={self.metrics})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, SavePoint)
+            and other.path.resolve() == self.path.resolve()
+            and other.manifest.created == self.manifest.created
+        )
+
+    def __hash__(self) -> int:
+        return hash((str(self.path.resolve()), self.manifest.created))
+
+
+class PendingSave(SavePoint):
+    """What an asynchronous ``save()`` returns: ``step`` and ``path`` at once; anything
+    that needs the manifest (metrics, files, verify...) waits for the commit.
+    ``result()`` waits and returns the committed :class:`SavePoint`."""
+
+    def __init__(self, step: int, path: Path, future: Future[SavePoint]) -> None:
+        self.path = path
+        self._step = step
+        self._future = future
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.result().manifest
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> SavePoint:
+        return self._future.result(timeout)
+
+    # Equality and hashing never wait for the commit (SavePoint's compare the manifests):
+    # a pending save is the same as another only when it is the same save in flight.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PendingSave) and other._future is self._future
+
+    def __hash__(self) -> int:
+        return hash((str(self.path), self._step, id(self._future)))
+
+    def __repr__(self) -> str:
+        state = "committed" if self.done() else "in flight"
+        return f"PendingSave(step={self.step}, path={str(self.path)!r}, {state})"

@@ -1,0 +1,269 @@
+"""The save pipeline: snapshot -> write into staging -> hash -> manifest last -> commit
+-> retention.
+
+:class:`Writer` runs it for one run, synchronously or with the writing in a background
+thread (``async_save``): then only the snapshot (tensors copied into reused host
+buffers, small files written) blocks the caller, and one save is in flight at a time.
+A background failure is never silent: it is logged at once and raised again by the next
+``save()``, ``wait()`` or ``close()``. At interpreter exit the save in flight is
+finished; a killed process leaves it uncommitted, which no reader ever sees.
+
+What goes into a save point is :func:`write_components`; where the bytes go is the
+storage seam (storage/). Arguments reach this module already checked (validate.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import platform
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from savepoints.errors import (
+    DiskFullError,
+    InvalidArgumentError,
+    RunNotWritableError,
+    SavePointExistsError,
+    SavePointsError,
+)
+from savepoints.manifest import Contents, Manifest
+from savepoints.savepoint import PendingSave, SavePoint
+from savepoints.staging import FileRecorder, HostBuffers
+from savepoints.storage import Storage
+from savepoints.training_state import capture_rng, write_rng, write_state
+from savepoints.version import __version__
+from savepoints.weights import write_model, write_tokenizer
+
+log = logging.getLogger("savepoints")
+
+#: Fills a staging folder through the recorder and returns the manifest's ``contents``.
+WriteFn = Callable[[FileRecorder], Contents]
+
+WORKER_PREFIX = "savepoints-save"
+
+
+def write_components(
+    rec: FileRecorder,
+    *,
+    model: torch.nn.Module | None,
+    tokenizer: Any,
+    optimizer: Any,
+    scheduler: Any,
+    rng: bool,
+    extra: Mapping[str, Any],
+    files: Mapping[str, bytes],
+    max_shard_size: int,
+    layer_shards_above: int | None,
+) -> Contents:
+    """Write every component given into the staging folder; return ``contents``."""
+    contents: Contents = {}
+    if model is not None:
+        contents["model"] = write_model(rec, model, max_shard_size, layer_shards_above)
+    if tokenizer is not None:
+        contents["tokenizer"] = write_tokenizer(rec, tokenizer)
+    if optimizer is not None:
+        contents["optimizer"] = write_state(rec, "optimizer", optimizer)
+    if scheduler is not None:
+        contents["scheduler"] = write_state(rec, "scheduler", scheduler)
+    if rng:
+        contents["rng"] = write_rng(rec, capture_rng())
+    if extra:
+        contents["extra"] = {name: write_state(rec, name, obj) for name, obj in extra.items()}
+    for rel, raw in files.items():
+        if rel in rec.files:
+            raise InvalidArgumentError(
+                f"files={{{rel!r}: ...}} would replace a file savepoints itself writes.",
+                "Pick another file name.",
+            )
+        rec.write_bytes(rel, raw)
+    if files:
+        contents["files"] = sorted(files)
+    return contents
+
+
+class Writer:
+    """Writes the save points of one run, one at a time, through ``storage``."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        async_save: bool,
+        keep_record: Callable[[], dict[str, Any]],
+        after_commit: Callable[[], None],
+    ) -> None:
+        self.storage = storage
+        self.async_save = async_save
+        self._keep_record = keep_record
+        self._after_commit = after_commit
+        self._buffers = HostBuffers()
+        self._inflight: PendingSave | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        #: Step of the save point this run continued from (the last save or restore).
+        self.parent: int | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._inflight is not None and not self._inflight.done()
+
+    def save(
+        self,
+        step: int,
+        write: WriteFn,
+        *,
+        metrics: dict[str, float],
+        state: dict[str, Any],
+        tags: tuple[str, ...],
+        overwrite: bool,
+    ) -> SavePoint:
+        """Run ``write`` into a staged folder and commit it. Synchronous: everything
+        happens here. Asynchronous: ``write`` only snapshots; the rest runs in the
+        background and a :class:`PendingSave` is returned at once."""
+        started = time.perf_counter()
+        replace = self._replaces(step, overwrite)
+        buffers = self._buffers if self.async_save else None
+        try:
+            staged = self.storage.stage(step)
+        except BaseException as e:
+            _raise_clearly(e, self.storage.root, step)
+        try:
+            rec = FileRecorder(staged.path, buffers=buffers)
+            contents = write(rec)
+            if buffers is not None:
+                buffers.synchronize()
+        except BaseException as e:
+            staged.abort()
+            _raise_clearly(e, self.storage.root, step)
+        parent, self.parent = self.parent, step
+
+        def finish() -> SavePoint:
+            try:
+                rec.flush()
+                manifest = Manifest(
+                    step=step,
+                    created=datetime.now(timezone.utc),
+                    files=dict(rec.files),
+                    metrics=metrics,
+                    tags=tags,
+                    state=state,
+                    parent=parent,
+                    contents=contents,
+                    versions=versions(),
+                    keep=self._keep_record(),
+                )
+                self.storage.commit(staged, manifest, replace=replace)
+            except BaseException as e:
+                staged.abort()
+                if self.async_save:
+                    # Never silent: logged now, raised again by the next save/wait/close.
+                    log.error("savepoints: saving step %d in the background failed: %s", step, e)
+                _raise_clearly(e, self.storage.root, step)
+            point = SavePoint(staged.final, manifest)
+            log.info(
+                "savepoints: committed step %d (%.1f MB in %.2f s) at %s",
+                step, point.size / 1e6, time.perf_counter() - started, staged.final,
+            )  # fmt: skip
+            self._after_commit()
+            return point
+
+        if buffers is None:
+            return finish()
+        self._inflight = PendingSave(step, staged.final, self._executor().submit(finish))
+        _WITH_SAVES_IN_FLIGHT.add(self)
+        return self._inflight
+
+    def _replaces(self, step: int, overwrite: bool) -> bool:
+        """Whether this save replaces a folder in the way (only with ``overwrite``)."""
+        found = self.storage.state_of(step)
+        if found == "absent":
+            return False
+        if overwrite:
+            return True
+        raise SavePointExistsError(
+            self.storage.point_dir(step), step, committed=found == "committed"
+        )
+
+    def wait(self) -> SavePoint | None:
+        """Block until the save in flight is committed; raise its error, once."""
+        if in_worker():
+            return None  # called from the save itself (retention): never wait for oneself
+        pending, self._inflight = self._inflight, None
+        return None if pending is None else pending.result()
+
+    def close(self) -> None:
+        """Finish the save in flight (raising its error), then stop the thread."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            # One worker: saves commit in order, and the snapshot buffers are reused only
+            # once the save that filled them is written.
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=WORKER_PREFIX)
+        return self._pool
+
+
+def in_worker() -> bool:
+    """Whether this code runs in a background save (retention after a commit)."""
+    return threading.current_thread().name.startswith(WORKER_PREFIX)
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in each manifest."""
+    found = {
+        "savepoints": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    for name in ("safetensors", "numpy", "transformers", "tokenizers"):
+        # Only what is already imported: the core never imports transformers itself.
+        module = sys.modules.get(name)
+        if module is not None:
+            found[name] = str(getattr(module, "__version__", "?"))
+    return found
+
+
+def _raise_clearly(e: BaseException, run: Path, step: int) -> NoReturn:
+    """Re-raise an error of a failed save as the typed error a user can act on."""
+    if isinstance(e, PermissionError) and not isinstance(e, SavePointsError):
+        raise RunNotWritableError(run, e.strerror or "permission denied") from e
+    if isinstance(e, OSError) and not isinstance(e, SavePointsError) and e.errno == errno.ENOSPC:
+        raise DiskFullError(run, step) from e
+    raise e
+
+
+_WITH_SAVES_IN_FLIGHT: weakref.WeakSet[Writer] = weakref.WeakSet()
+
+
+def _finish_saves_at_exit() -> None:
+    """At interpreter exit, let asynchronous saves in flight commit. Registered with
+    threading's exit hooks, which run before thread pools stop taking work (atexit
+    would run too late). A save that cannot finish stays uncommitted, never visible."""
+    for writer in list(_WITH_SAVES_IN_FLIGHT):
+        try:
+            writer.wait()
+        except BaseException as e:  # already logged by the background thread
+            log.debug("savepoints: save in flight at exit failed: %s", e)
+
+
+_register = getattr(threading, "_register_atexit", None)
+if _register is not None:
+    _register(_finish_saves_at_exit)
+else:  # pragma: no cover - very old or unusual Pythons
+    import atexit
+
+    atexit.register(_finish_saves_at_exit)
