@@ -332,7 +332,9 @@ def _calling_trainer() -> Any:
             if (
                 candidate is not None
                 and hasattr(candidate, "callback_handler")
-                and hasattr(candidate, "_save_checkpoint")
+                # not a method attach() replaces: a Trainer lacking one must still be
+                # found, so that attach() can say which one it lacks
+                and hasattr(candidate, "add_callback")
             ):
                 return candidate
             frame = frame.f_back
@@ -406,7 +408,10 @@ def _is_new_best(cb: SavePointsCallback, args: Any, state: Any, step: int) -> bo
 
 
 def _restore_model(cb: SavePointsCallback, point: SavePoint, model: Any = None) -> None:
-    restore_into(point, model=model if model is not None else cb.trainer.model)
+    # Through the facade, so that the next save point records this one as its parent
+    # (verified once already, in _savepoint).
+    target = model if model is not None else cb.trainer.model
+    cb.points.restore(point, model=target, rng=False, verify=False)
 
 
 def _restore_optimizer_and_scheduler(cb: SavePointsCallback, point: SavePoint) -> None:
