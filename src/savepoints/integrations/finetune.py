@@ -8,17 +8,18 @@ same command again resumes exactly where the last one stopped.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import torch
 
-from savepoints.errors import InvalidArgumentError
+from savepoints.errors import DataFileError, InvalidArgumentError
 from savepoints.keep import Keep
 from savepoints.manager import SavePoints
 
@@ -67,8 +68,11 @@ class FinetuneConfig:
             raise InvalidArgumentError(
                 f"metric {self.metric!r} is not known.", "Use 'accuracy' or 'macro_f1'."
             )
-        for name in ("epochs", "batch_size", "learning_rate", "max_length"):
-            if getattr(self, name) <= 0:
+        for name in ("epochs", "batch_size", "learning_rate", "max_length",
+                     "gradient_accumulation", "save_every", "max_train_examples",
+                     "max_eval_examples"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and value <= 0:
                 raise InvalidArgumentError(f"{name} must be positive.", f"Pass a positive {name}.")
 
 
@@ -79,91 +83,285 @@ class Examples:
     label_names: list[str] = field(default_factory=list)
 
 
-def read_examples(path: str | Path, text_column: str, label_column: str) -> list[tuple[str, Any]]:
-    """(text, raw label) pairs from a CSV/TSV (with header) or JSON-lines file."""
+@dataclass(frozen=True)
+class Row:
+    """One example as read from its file."""
+
+    text: str
+    label: str
+    """The label as written (stripped); turned into an id by :func:`encode_labels`."""
+    line: int
+    """The line of the file it starts on, for error messages."""
+
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_FORMAT_HINT = (
+    "Pass a UTF-8 CSV file with a header row (text,label; .tsv: tab-separated) or a "
+    'JSONL file with one object per line, e.g. {"text": "...", "label": "..."}.'
+)
+
+
+def decode_utf8(data: bytes, path: Path) -> str:
+    """``data`` as text (a UTF-8 byte order mark is dropped), or a :class:`DataFileError`
+    naming the line of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataFileError(
+            path,
+            f"it is not UTF-8 text (byte 0x{data[e.start]:02x} cannot be decoded)",
+            "Save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE > NEW_FILE, with "
+            "the encoding it is in now instead of latin1).",
+            line=data.count(b"\n", 0, e.start) + 1,
+        ) from None
+
+
+def read_examples(path: str | Path, text_column: str, label_column: str) -> list[Row]:
+    """The examples of a CSV/TSV (with a header row) or JSON-lines file.
+
+    Anything wrong with the file is a :class:`DataFileError` naming the file, the line and
+    what is wrong: a text or label that is missing or empty, a quote that is never closed,
+    a row with more fields than the header, a line that is not a JSON object...
+    """
     path = Path(path)
     if not path.is_file():
-        raise InvalidArgumentError(
-            f"Data file {path} does not exist.", "Pass the path of a CSV or JSONL file."
-        )
-    rows: list[dict[str, Any]]
-    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise InvalidArgumentError(
-                            f"{path} line {n} is not valid JSON ({e.msg}).",
-                            'Write one JSON object per line, e.g. {"text": ..., "label": ...}.',
-                        ) from None
+        why = "it is a folder, not a file" if path.is_dir() else "the file does not exist"
+        raise DataFileError(path, why, _FORMAT_HINT)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataFileError(path, e.strerror or str(e), "Check the file's permissions.") from None
+    text = decode_utf8(data, path)
+    if not text.strip():
+        raise DataFileError(path, "the file is empty", _FORMAT_HINT)
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        rows = _read_jsonl(path, text, text_column, label_column)
     else:
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter=delimiter))
+        rows = _read_csv(path, text, text_column, label_column, delimiter)
     if not rows:
-        raise InvalidArgumentError(f"{path} holds no examples.", "Check the file.")
-    missing = [c for c in (text_column, label_column) if c not in rows[0]]
+        raise DataFileError(path, "it has a header row but no examples", _FORMAT_HINT)
+    return rows
+
+
+def _read_csv(
+    path: Path, text: str, text_column: str, label_column: str, delimiter: str
+) -> list[Row]:
+    lines = io.StringIO(text, newline="").readlines()
+    reader = csv.reader(lines, delimiter=delimiter)
+    records: list[tuple[int, list[str]]] = []  # (line it starts on, fields)
+    start = 1
+    try:
+        for fields in reader:
+            if any(f.strip() for f in fields):  # blank lines are no examples
+                records.append((start, fields))
+            start = reader.line_num + 1
+    except csv.Error as e:  # in this lenient mode: only a field longer than the limit
+        raise DataFileError(
+            path, f"{e} ({csv.field_size_limit()} characters): a quote that is never closed, "
+            "or a text far too long to classify",
+            'Close the quote (a quote inside a quoted field is written ""), or shorten the text.',
+            line=start,
+        ) from None  # fmt: skip
+    if records:
+        _check_quotes_closed(path, lines, records[-1][0], delimiter)
+    (header_line, header), *body = records
+    header = [h.strip() for h in header]
+    columns = {name: i for i, name in reversed(list(enumerate(header)))}
+    missing = [c for c in (text_column, label_column) if c not in columns]
     if missing:
-        raise InvalidArgumentError(
-            f"{path} has no column {', '.join(map(repr, missing))} (it has: "
-            f"{', '.join(map(repr, rows[0]))}).",
-            "Name the columns with --text-column and --label-column.",
-        )
-    return [(str(r[text_column]), r[label_column]) for r in rows]
+        hint = "Name the columns with --text-column and --label-column."
+        odd = [sep for sep in (";", "\t", "|") if len(header) == 1 and sep in header[0]]
+        if odd:
+            hint += (
+                f" The header looks separated by {odd[0]!r}: .csv files are read "
+                "comma-separated, .tsv files tab-separated."
+            )
+        raise DataFileError(
+            path, f"it has no column {_names(missing, 'or')} (its columns: {_names(header)})", hint,
+            line=header_line,
+        )  # fmt: skip
+    rows = []
+    for line, fields in body:
+        if len(fields) > len(header) and any(f.strip() for f in fields[len(header) :]):
+            raise DataFileError(
+                path, f"it has {len(fields)} fields, the header has {len(header)}",
+                'Put a text that holds the delimiter in double quotes ("like, this"), and '
+                'double any quote inside it ("").', line=line,
+            )  # fmt: skip
+        values = []
+        for name in (text_column, label_column):
+            i = columns[name]
+            if i >= len(fields):
+                _empty(path, line, name, f"it has {len(fields)} field(s) and no {name!r}")
+            values.append(fields[i])
+        rows.append(_row(path, line, text_column, label_column, *values))
+    return rows
 
 
-def label_names_for(raw: Sequence[Any]) -> list[str]:
+def _check_quotes_closed(path: Path, lines: list[str], start: int, delimiter: str) -> None:
+    """A quote that is never closed swallows the rest of the file into one field of the
+    last record, which the lenient reader accepts; read that record strictly to tell."""
+    try:
+        for _ in csv.reader(lines[start - 1 :], delimiter=delimiter, strict=True):
+            pass
+    except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            raise DataFileError(
+                path,
+                "a quoted field that starts on this line is never closed (a \" is missing)",
+                'Close the quote, and write a quote inside a quoted field as two ("").',
+                line=start,
+            ) from None
+
+
+def _read_jsonl(path: Path, text: str, text_column: str, label_column: str) -> list[Row]:
+    rows = []
+    array_hint = (
+        "savepoints train reads JSON Lines: one object per line, e.g. "
+        '{"text": "...", "label": "..."}. A JSON array converts with jq -c \'.[]\' FILE.'
+    )
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == 1 and line.lstrip().startswith("["):
+                raise DataFileError(path, "it is a JSON array, not JSON Lines", array_hint,
+                                    line=n) from None  # fmt: skip
+            raise DataFileError(
+                path, f"it is not valid JSON ({e.msg}, column {e.colno})",
+                'Write one JSON object per line, e.g. {"text": "...", "label": "..."}.', line=n,
+            ) from None  # fmt: skip
+        if not isinstance(obj, dict):
+            raise DataFileError(path, f"it is a JSON {_json_type(obj)}, not an object",
+                                array_hint, line=n)  # fmt: skip
+        missing = [c for c in (text_column, label_column) if c not in obj]
+        if missing:
+            raise DataFileError(
+                path, f"it has no column {_names(missing, 'or')} (its columns: {_names(obj)})",
+                "Name the columns with --text-column and --label-column.", line=n,
+            )  # fmt: skip
+        values = []
+        for name in (text_column, label_column):
+            value = obj[name]
+            if isinstance(value, (dict, list)):
+                raise DataFileError(
+                    path, f"its {name!r} is a JSON {_json_type(value)}, not a string",
+                    "Give each example a string text and a string or integer label.", line=n,
+                )  # fmt: skip
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)  # a label 1.0 is the label 1
+            values.append("" if value is None else str(value))
+        rows.append(_row(path, n, text_column, label_column, *values))
+    return rows
+
+
+def _row(path: Path, line: int, text_column: str, label_column: str, text: str,
+         label: str) -> Row:  # fmt: skip
+    if not text.strip():
+        _empty(path, line, text_column, f"its {text_column!r} is empty")
+    if not label.strip():
+        _empty(path, line, label_column, f"its {label_column!r} is empty")
+    return Row(text, label.strip(), line)
+
+
+def _empty(path: Path, line: int, column: str, why: str) -> NoReturn:
+    raise DataFileError(
+        path, why, f"Give every example its {column!r}, or remove the line.", line=line
+    )
+
+
+def _names(names: Any, last: str = "and") -> str:
+    quoted = [repr(n) for n in names]
+    return f" {last} ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
+
+
+def _json_type(value: Any) -> str:
+    return {list: "array", dict: "object", str: "string", bool: "boolean"}.get(
+        type(value), "number" if isinstance(value, (int, float)) else "null"
+    )
+
+
+def label_names_for(rows: Sequence[Row], path: Path) -> list[str]:
     """Label names in id order: integer labels keep their ids, names are sorted."""
-    values = {str(v).strip() for v in raw}
-    if all(v.lstrip("-").isdigit() for v in values):
-        ids = sorted(int(v) for v in values)
-        if ids[0] < 0:
-            raise InvalidArgumentError("Label ids must be 0 or more.", "Renumber the labels.")
-        return [str(i) for i in range(ids[-1] + 1)]
+    values = {r.label for r in rows}
+    if all(_is_int(v) for v in values):
+        negative = next((r for r in rows if int(r.label) < 0), None)
+        if negative is not None:
+            raise DataFileError(
+                path, f"its label {negative.label} is negative",
+                "Number labels from 0, or use label names.", line=negative.line,
+            )  # fmt: skip
+        return [str(i) for i in range(max(int(v) for v in values) + 1)]
     return sorted(values)
 
 
-def encode_labels(raw: Sequence[Any], names: list[str], source: str) -> list[int]:
+def _is_int(value: str) -> bool:
+    return value.removeprefix("-").isdecimal()
+
+
+def encode_labels(rows: Sequence[Row], names: list[str], path: Path, hint: str) -> list[int]:
     index = {n: i for i, n in enumerate(names)}
+    ids = all(_is_int(n) for n in names)
     out = []
-    for value in raw:
-        key = str(value).strip()
+    for row in rows:
+        key = str(int(row.label)) if ids and _is_int(row.label) else row.label
         if key not in index:
-            raise InvalidArgumentError(
-                f"{source} has label {key!r}, which the training data does not have "
-                f"(labels: {', '.join(names)}).",
-                "Use the same label names in the training and evaluation files.",
-            )
+            raise DataFileError(
+                path, f"its label {row.label!r} is not among the training labels "
+                f"({', '.join(names)})", hint, line=row.line,
+            )  # fmt: skip
         out.append(index[key])
     return out
 
 
+def _require_labels(rows: Sequence[Row], path: Path, what: str, hint: str) -> None:
+    labels = {r.label for r in rows}
+    if len(labels) < 2:
+        raise DataFileError(
+            path,
+            f"{what} the label {next(iter(labels))!r}; a classifier needs at least two labels",
+            hint,
+        )
+
+
 def load_data(cfg: FinetuneConfig) -> tuple[Examples, Examples]:
-    train_raw = read_examples(cfg.train_file, cfg.text_column, cfg.label_column)
+    train_path = Path(cfg.train_file)
+    train_raw = read_examples(train_path, cfg.text_column, cfg.label_column)
+    _require_labels(
+        train_raw, train_path, "every example has",
+        f"Add examples of another label, or check that {cfg.label_column!r} is the label "
+        "column (--label-column).",
+    )  # fmt: skip
     if cfg.eval_file:
-        eval_raw = read_examples(cfg.eval_file, cfg.text_column, cfg.label_column)
+        eval_path = Path(cfg.eval_file)
+        eval_raw = read_examples(eval_path, cfg.text_column, cfg.label_column)
+        unseen_hint = "Use the same label names in the training and evaluation files."
     else:
+        eval_path = train_path
         shuffled = list(train_raw)
         random.Random(cfg.seed).shuffle(shuffled)
         n_eval = max(1, int(len(shuffled) * cfg.eval_fraction))
         eval_raw, train_raw = shuffled[:n_eval], shuffled[n_eval:]
+        unseen_hint = "Add examples of that label, or pass an evaluation file with --eval."
     if cfg.max_train_examples:
         train_raw = train_raw[: cfg.max_train_examples]
     if cfg.max_eval_examples:
         eval_raw = eval_raw[: cfg.max_eval_examples]
-    names = label_names_for([y for _, y in train_raw])
+    _require_labels(
+        train_raw, train_path, "every example left for training has",
+        "Add examples of each label"
+        + (", or raise --max-train-examples" if cfg.max_train_examples else "")
+        + ("" if cfg.eval_file else ", or pass an evaluation file with --eval") + ".",
+    )  # fmt: skip
+    names = label_names_for(train_raw, train_path)
     train = Examples(
-        [t for t, _ in train_raw],
-        encode_labels([y for _, y in train_raw], names, cfg.train_file),
-        names,
+        [r.text for r in train_raw], encode_labels(train_raw, names, train_path, ""), names
     )
     evaluation = Examples(
-        [t for t, _ in eval_raw],
-        encode_labels([y for _, y in eval_raw], names, cfg.eval_file or cfg.train_file),
-        names,
+        [r.text for r in eval_raw], encode_labels(eval_raw, names, eval_path, unseen_hint), names
     )
     return train, evaluation
 
