@@ -15,12 +15,12 @@ from savepoints import Keep, SavePoints
 from savepoints.cli import cli
 
 
-@pytest.fixture
-def run(tmp_path: Path) -> Path:
+def make_run(folder: Path) -> Path:
+    """Steps 10, 20 (tagged "milestone", the best by eval_loss) and 30 of a tiny model."""
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    with SavePoints(tmp_path / "run", keep=Keep(metric="eval_loss", mode="min")) as points:
+    with SavePoints(folder, keep=Keep(metric="eval_loss", mode="min")) as points:
         for step, loss in ((10, 0.7), (20, 0.3), (30, 0.5)):
             with torch.no_grad():
                 net.weight.add_(1.0)  # each save point has weights of its own
@@ -32,7 +32,12 @@ def run(tmp_path: Path) -> Path:
                 state={"epoch": step // 10},
                 tags=["milestone"] if step == 20 else [],
             )
-    return tmp_path / "run"
+    return folder
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    return make_run(tmp_path / "run")
 
 
 def invoke(*args: str) -> tuple[int, str, str]:

@@ -65,6 +65,22 @@ def assert_same_run(run: Path, straight: Path) -> None:
         assert a.best().metrics == b.best().metrics
 
 
+def test_show_a_trained_save_point_names_every_contents_entry(straight):
+    """Regression: `show RUN best` crashed (AttributeError) on a save point written by
+    `savepoints train`, whose contents list the Trainer's extra files as a plain list."""
+    with SavePoints(straight, readonly=True) as points:
+        best = points.best()
+    human = sp("show", straight, "best")
+    assert human.returncode == 0, human.stderr
+    text = " ".join(human.stdout.split())
+    assert f"step {best.step}" in text and "files: trainer_state.json" in text
+    assert "tokenizer:" in text and "rng: " in text and "eval_accuracy" in text
+    as_json = sp("show", straight, "best", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert data["step"] == best.step and data["contents"]["files"] == ["trainer_state.json"]
+
+
 def test_train_killed_with_sigkill_resumes_and_ends_bit_exact(tweets, tmp_path, straight):
     train, valid = tweets
 

@@ -12,7 +12,6 @@ and shows verification catching a flipped bit.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import signal
@@ -24,14 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.panel import Panel
 
-from savepoints import SavePoints, verify
-from savepoints.cli import cli
-from savepoints.errors import InvalidArgumentError
+from savepoints import InvalidArgumentError, SavePoints, verify
+from savepoints.cli.output import console, esc, quiet
+from savepoints.cli.train import need_transformers, train_cmd
 
-console = Console(highlight=False)
 MARKER = "demo-run"
 SAMPLE = "data/demo_tweets.csv"
 TEXTS = [
@@ -53,7 +50,7 @@ def train_options(run: Path, epochs: int) -> list[str]:
     ]  # fmt: skip
 
 
-@cli.command("demo")
+@click.command("demo")
 @click.option(
     "--run",
     "run",
@@ -65,13 +62,7 @@ def train_options(run: Path, epochs: int) -> list[str]:
 @click.option("--epochs", type=click.IntRange(3, 30), default=6, show_default=True)
 def demo_cmd(run: Path, epochs: int) -> None:
     """Fine-tune a tiny GPT-2 on tweet-like texts with save points, kill it, resume, predict."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise InvalidArgumentError(
-            "The demo needs transformers, which is not installed.",
-            "pip install 'savepoints[transformers]'",
-        ) from None
+    need_transformers("demo")
     _prepare_run_dir(run)
     workdir = Path(tempfile.mkdtemp(prefix="savepoints-demo-"))
     try:
@@ -96,11 +87,9 @@ def _step(n: int, text: str) -> None:
     console.print(f"\n[bold cyan]{n}.[/] [bold]{text}[/]")
 
 
-def _train_in_process(run: Path, epochs: int, quiet: bool = False) -> None:
+def _train_in_process(run: Path, epochs: int, silent: bool = False) -> None:
     """Exactly `savepoints train ...`, in this process."""
-    from savepoints.cli.train import train_cmd
-
-    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+    with quiet() if silent else contextlib.nullcontext():
         train_cmd.main(args=train_options(run, epochs), standalone_mode=False)
 
 
@@ -150,7 +139,7 @@ def _narrate(run: Path, workdir: Path, epochs: int) -> None:
     console.print(f"  [dim]$ {' '.join(cmd)}[/]")
     _train_in_process(run, epochs)
     straight = workdir / "uninterrupted"
-    _train_in_process(straight, epochs, quiet=True)
+    _train_in_process(straight, epochs, silent=True)
     with SavePoints(run, readonly=True) as a, SavePoints(straight, readonly=True) as b:
         same = (a.list()[-1].path / "model.safetensors").read_bytes() == (
             b.list()[-1].path / "model.safetensors"
@@ -177,7 +166,8 @@ def _narrate(run: Path, workdir: Path, epochs: int) -> None:
         probs = model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits.softmax(-1)
     for text, p in zip(TEXTS, probs):
         i = int(p.argmax())
-        console.print(f"  [bold]{model.config.id2label[i]:>9}[/] {float(p[i]):5.0%}  {text}")
+        label = esc(f"{model.config.id2label[i]:>9}")
+        console.print(f"  [bold]{label}[/] {float(p[i]):5.0%}  {text}")
 
     _step(5, "Verification catches a single flipped bit.")
     copy = workdir / "tampered"

@@ -1,53 +1,32 @@
-"""``savepoints list``, ``show`` and ``verify``: read-only views of a run."""
+"""``savepoints list``, ``show``, ``verify`` and ``diff``: read-only views of a run."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import click
-from rich import box
-from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
-from savepoints.cli import cli
-from savepoints.errors import InvalidArgumentError, SavePointNotFoundError, SavePointsError
-from savepoints.integrity import VerifyReport
-from savepoints.layout import MANIFEST_NAME, parse_step
-from savepoints.manager import SavePoint, SavePoints, verify
-
-# Piped output is not cut to 80 columns: tables stay whole in logs and files.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _when(dt: datetime, short: bool = False) -> str:
-    return dt.astimezone().strftime("%m-%d %H:%M" if short else "%Y-%m-%d %H:%M:%S")
-
-
-def _fmt_metric(v: float) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
-
-
-def _open_run(run: Path) -> SavePoints:
-    return SavePoints(run, readonly=True)
+from savepoints import SavePoint, SavePoints, SavePointsError, VerifyReport, verify
+from savepoints.cli.output import (
+    console,
+    echo_json,
+    esc,
+    fmt_metric,
+    human_bytes,
+    json_option,
+    spinner,
+    table,
+    when,
+)
+from savepoints.cli.resolve import KEYWORDS, is_point_folder, open_run, pick, resolve
+from savepoints.diff import ModelView, diff_models
+from savepoints.layout import parse_step
 
 
 def _best_step(points: SavePoints, listed: list[SavePoint], metric: str | None) -> int | None:
@@ -71,25 +50,25 @@ def point_summary(sp: SavePoint, latest: bool = False, best: bool = False) -> di
     }
 
 
-@cli.command("list")
+@click.command("list")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--metric", help="Metric that defines the best save point (default: the run's).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@json_option("Print JSON instead of a table.")
 def list_cmd(run: Path, metric: str | None, as_json: bool) -> None:
     """List the committed save points of RUN: step, time, metrics, size, tags."""
-    points = _open_run(run)
+    points = open_run(run)
     listed = points.list()
     latest = listed[-1].step if listed else None
     best = _best_step(points, listed, metric)
     if as_json:
-        _echo_json([point_summary(p, p.step == latest, p.step == best) for p in listed])
+        echo_json([point_summary(p, p.step == latest, p.step == best) for p in listed])
         return
     print_table(run, listed, latest, best)
 
 
 def print_points_table(run: Path, metric: str | None = None) -> None:
     """The ``savepoints list`` table, for other commands to end with."""
-    points = _open_run(run)
+    points = open_run(run)
     listed = points.list()
     print_table(
         run, listed, listed[-1].step if listed else None, _best_step(points, listed, metric)
@@ -98,7 +77,7 @@ def print_points_table(run: Path, metric: str | None = None) -> None:
 
 def print_table(run: Path, listed: list[SavePoint], latest: int | None, best: int | None) -> None:
     if not listed:
-        console.print(f"No committed save points in {run}.")
+        console.print(f"No committed save points in {esc(str(run))}.")
         return
     metric_names: list[str] = []
     for p in listed:
@@ -114,8 +93,8 @@ def print_table(run: Path, listed: list[SavePoint], latest: int | None, best: in
         rows.append(
             [
                 str(p.step),
-                _when(p.created, short=True),
-                *[_fmt_metric(p.metrics[m]) if m in p.metrics else "" for m in metric_names],
+                when(p.created, short=True),
+                *[fmt_metric(p.metrics[m]) if m in p.metrics else "" for m in metric_names],
                 human_bytes(p.size),
                 ", ".join(p.tags),
                 marks,
@@ -129,12 +108,10 @@ def print_table(run: Path, listed: list[SavePoint], latest: int | None, best: in
     widths = {i: max(len(columns[i][0]), *(len(r[i]) for r in rows)) + 3 for i in keep}
     if sum(widths.values()) > console.width and 1 in keep:
         keep.remove(1)
-    table = Table(
-        title=f"{run}  ({len(listed)} save points)", title_justify="left", box=box.SIMPLE_HEAD
-    )
+    t = table(f"{run}  ({len(listed)} save points)")
     for i in keep:
         name, justify = columns[i]
-        table.add_column(name, justify=justify, no_wrap=True, style="bold" if i == 0 else None)  # type: ignore[arg-type]
+        t.add_column(esc(name), justify=justify, no_wrap=True, style="bold" if i == 0 else None)  # type: ignore[arg-type]
     for r in rows:
         styled = [
             r[i].replace("latest", "[cyan]latest[/]").replace("★ best", "[green]★ best[/]")
@@ -142,78 +119,65 @@ def print_table(run: Path, listed: list[SavePoint], latest: int | None, best: in
             else r[i]
             for i in keep
         ]
-        table.add_row(*styled)
-    console.print(table)
+        t.add_row(*styled)
+    console.print(t)
 
 
-def _resolve_point(run: Path, step: str | None) -> SavePoint:
-    if (run / MANIFEST_NAME).exists():
-        if step is not None:
-            raise InvalidArgumentError(
-                f"{run} is a save point folder, so STEP ({step}) cannot be used with it.",
-                "Pass the run folder with a STEP, or the save point folder alone.",
-            )
-        return SavePoint.open(run)
-    points = _open_run(run)
-    if step in (None, "latest"):
-        sp = points.latest()
-    elif step == "best":
-        sp = points.best()
-    else:
-        return points.get(int(step) if step.isdigit() else step)
-    if sp is None:
-        raise SavePointNotFoundError(run, step or "latest", [])
-    return sp
+def describe_component(name: str, info: object) -> str:
+    """One line for an entry of a manifest's ``contents``: most are objects (class, files,
+    kind...), some plain lists of file names (extra files a Trainer wrote, say)."""
+    if isinstance(info, list):
+        return ", ".join(map(str, info))
+    if not isinstance(info, dict):
+        return str(info)
+    listed: list[Any] = next(
+        (info[k] for k in ("generators", "files") if isinstance(info.get(k), list)), []
+    )
+    desc = str(info.get("class") or "") or ", ".join(map(str, listed or info))
+    if name == "model":
+        tied = info.get("tied")
+        desc += f"  ({info.get('kind')}, {info.get('tensors')} tensors"
+        desc += f", {len(tied)} tied)" if isinstance(tied, (list, dict)) and tied else ")"
+    return desc
 
 
-@cli.command("show")
+@click.command("show")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.argument("step", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@json_option("Print the manifest as JSON.")
 def show_cmd(run: Path, step: str | None, as_json: bool) -> None:
     """Show one save point of RUN (default the latest; STEP may be a number, a tag,
     'latest' or 'best'), or a save point FOLDER: files, sizes, metrics, state, versions."""
-    sp = _resolve_point(run, step)
+    sp = resolve(run, step)
     if as_json:
-        _echo_json({"path": str(sp.path), **sp.manifest.to_json()})
+        echo_json({"path": str(sp.path), **sp.manifest.to_json()})
         return
     m = sp.manifest
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
     head.add_row("save point", f"step {sp.step}")
-    head.add_row("path", str(sp.path))
-    head.add_row("created", _when(sp.created))
+    head.add_row("path", esc(str(sp.path)))
+    head.add_row("created", when(sp.created))
     head.add_row("parent", "—" if sp.parent is None else f"step {sp.parent}")
     head.add_row("size", f"{human_bytes(sp.size)} in {len(m.files)} files")
     head.add_row("tags", ", ".join(sp.tags) or "—")
     console.print(head)
     if sp.metrics:
-        mt = Table(title="metrics", title_justify="left")
-        mt.add_column("metric")
-        mt.add_column("value", justify="right")
+        mt = table("metrics", "metric", ("value", "right"))
         for k, v in sp.metrics.items():
-            mt.add_row(k, _fmt_metric(v))
+            mt.add_row(esc(k), fmt_metric(v))
         console.print(mt)
     if sp.state:
         console.print("[bold]state[/]")
         console.print_json(json.dumps(sp.state))
     tree = Tree("[bold]contents[/]")
     for name, info in m.contents.items():
-        desc = info.get("class", "") or ", ".join(info.get("generators", []))
-        if name == "model":
-            desc += f"  ({info.get('kind')}, {info.get('tensors')} tensors"
-            if info.get("tied"):
-                desc += f", {len(info['tied'])} tied"
-            desc += ")"
-        tree.add(f"{name}: {desc}")
+        tree.add(esc(f"{name}: {describe_component(name, info)}"))
     console.print(tree)
-    ft = Table(title="files", title_justify="left")
-    ft.add_column("file")
-    ft.add_column("size", justify="right")
-    ft.add_column(f"{m.hash_algorithm}", style="dim")
+    ft = table("files", "file", ("size", "right"), m.hash_algorithm)
     for rel, e in sorted(m.files.items()):
-        ft.add_row(rel, human_bytes(e.size), e.hash[:16])
+        ft.add_row(esc(rel), human_bytes(e.size), f"[dim]{e.hash[:16]}[/]")
     console.print(ft)
     console.print(
         "[bold]versions[/]  " + "  ".join(f"{k} {v}" for k, v in sorted(m.versions.items()))
@@ -231,33 +195,36 @@ def _report_json(r: VerifyReport) -> dict[str, Any]:
     }
 
 
-@cli.command("verify")
+@click.command("verify")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify_cmd(path: Path, as_json: bool) -> None:
-    """Re-hash every file of a run's save points (or of one save point FOLDER).
+@click.argument("step", required=False)
+@json_option("Print the report as JSON.")
+def verify_cmd(path: Path, step: str | None, as_json: bool) -> None:
+    """Re-hash every file of a run's save points, of one of them (STEP: a number, a tag,
+    'latest' or 'best'), or of one save point FOLDER.
 
     Exit status 0 only when everything verifies, 3 when anything is missing, extra,
     truncated or altered.
     """
-    err = Console(stderr=True)
-    spinner = err.status(f"verifying {path} ...") if err.is_terminal else contextlib.nullcontext()
-    with spinner:
+    if step is not None:
+        path = resolve(path, step).path
+    # A folder named like a save point is verified as one even without its manifest:
+    # an uncommitted or damaged save point is what verify is there to report.
+    one_point = is_point_folder(path) or parse_step(path.name) is not None
+    with spinner(f"verifying {path} ..."):
         report = verify(path)
     if as_json:
-        _echo_json(_report_json(report))
+        echo_json(_report_json(report))
     else:
-        one_point = (path / MANIFEST_NAME).exists() or parse_step(path.name) is not None
         reports = [report] if one_point else report.children
         if not reports:
-            console.print(f"No save point folders in {path}.")
+            console.print(f"No save point folders in {esc(str(path))}.")
         for r in reports:
             status = "[green]OK[/]" if r.ok else "[bold red]FAILED[/]"
-            console.print(
-                f"{status}  {r.path}  ({r.files_checked} files, {human_bytes(r.bytes_checked)})"
-            )
+            size = human_bytes(r.bytes_checked)
+            console.print(f"{status}  {esc(str(r.path))}  ({r.files_checked} files, {size})")
             for p in r.problems:
-                console.print(f"    [red]{p.kind:9}[/] {p.path}: {p.detail}")
+                console.print(f"    [red]{p.kind:9}[/] {esc(f'{p.path}: {p.detail}')}")
         bad = sum(1 for r in reports if not r.ok)
         if reports:
             summary = (
@@ -276,59 +243,70 @@ def _bar(value: float, top: float, width: int = 24) -> str:
     return "█" * max(1, round(width * min(value, top) / top)) if value > 0 else ""
 
 
-@cli.command("diff")
+def _is_folder_ref(ref: str) -> bool:
+    return ref not in KEYWORDS and not ref.isdigit() and Path(ref).is_dir()
+
+
+def _point_view(point: SavePoint) -> ModelView:
+    label = f"step {point.step}" + (f" ({', '.join(point.tags)})" if point.tags else "")
+    return ModelView.open(point.path, label)
+
+
+@click.command("diff")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.argument("a")
 @click.argument("b")
-@click.option("--top", type=int, default=15, show_default=True, help="Changed tensors to list.")
-@click.option("--json", "as_json", is_flag=True, help="Print the whole comparison as JSON.")
+@click.option(
+    "--top", type=click.IntRange(min=1), default=15, show_default=True,
+    help="Changed tensors to list.",
+)  # fmt: skip
+@json_option("Print the whole comparison as JSON.")
 def diff_cmd(run: Path, a: str, b: str, top: int, as_json: bool) -> None:
-    """What changed from A to B (steps or tags of RUN, or folders): config, tensors
-    (relative L2 change per tensor and per layer), metrics."""
-    from savepoints.diff import diff_models, resolve, to_json_text
-
-    report = diff_models(resolve(run, a), resolve(run, b))
+    """What changed from A to B (steps, tags, 'latest' or 'best' of RUN, or folders):
+    config, tensors (relative L2 change per tensor and per layer), metrics."""
+    # A ref that is a folder (a save point's, or any model folder) is compared as it is;
+    # the run is opened only for the others.
+    points = None if all(map(_is_folder_ref, (a, b))) else open_run(run)
+    a_view, b_view = (
+        ModelView.open(Path(ref), ref) if points is None or _is_folder_ref(ref)
+        else _point_view(pick(points, ref))
+        for ref in (a, b)
+    )  # fmt: skip
+    report = diff_models(a_view, b_view)
     if as_json:
-        click.echo(to_json_text(report))
+        echo_json(report.to_json())
         return
-    console.print(f"[bold]{report.a}[/] → [bold]{report.b}[/]")
+    console.print(f"[bold]{esc(report.a)}[/] → [bold]{esc(report.b)}[/]")
     if report.metric_changes:
-        t = Table(title="metrics", title_justify="left", box=box.SIMPLE_HEAD)
-        for col in ("metric", "A", "B", "Δ"):
-            t.add_column(col, justify="left" if col == "metric" else "right")
+        t = table("metrics", "metric", ("A", "right"), ("B", "right"), ("Δ", "right"))
         for k, (va, vb) in report.metric_changes.items():
             d = "" if va is None or vb is None else f"{vb - va:+.4g}"
-            t.add_row(k, "—" if va is None else f"{va:.4g}", "—" if vb is None else f"{vb:.4g}", d)
+            t.add_row(esc(k), *("—" if v is None else f"{v:.4g}" for v in (va, vb)), d)
         console.print(t)
     if report.config_changes:
-        t = Table(title="config", title_justify="left", box=box.SIMPLE_HEAD)
-        for col in ("key", "A", "B"):
-            t.add_column(col)
+        t = table("config", "key", "A", "B")
         for k, (va, vb) in report.config_changes.items():
-            t.add_row(k, json.dumps(va), json.dumps(vb))
+            t.add_row(esc(k), esc(json.dumps(va)), esc(json.dumps(vb)))
         console.print(t)
     for label, names in (("added", report.added), ("removed", report.removed)):
         if names:
-            console.print(f"[bold]{label}[/] ({len(names)}): " + ", ".join(names[:top]))
+            console.print(f"[bold]{label}[/] ({len(names)}): " + esc(", ".join(names[:top])))
     for name, (sa, sb) in report.reshaped.items():
-        console.print(f"[bold]reshaped[/] {name}: {sa} → {sb}")
+        console.print(f"[bold]reshaped[/] {esc(name)}: {sa} → {sb}")
     if report.layers:
-        t = Table(title="relative L2 change per layer", title_justify="left", box=box.SIMPLE_HEAD)
-        t.add_column("layer")
-        t.add_column("change", justify="right")
-        t.add_column("")
+        t = table("relative L2 change per layer", "layer", ("change", "right"), "")
         top_layer = max((v for v in report.layers.values() if math.isfinite(v)), default=0.0)
         for layer, v in sorted(report.layers.items(), key=lambda kv: -kv[1])[:top]:
-            t.add_row(layer, f"{v:.3e}" if v else "0", _bar(v, top_layer))
+            t.add_row(esc(layer), f"{v:.3e}" if v else "0", _bar(v, top_layer))
         console.print(t)
     if report.changed:
-        t = Table(title=f"most changed tensors (top {min(top, len(report.changed))} of "
-                  f"{len(report.changed)})", title_justify="left", box=box.SIMPLE_HEAD)  # fmt: skip
-        t.add_column("tensor")
-        t.add_column("relative L2", justify="right")
-        t.add_column("params", justify="right")
+        shown = min(top, len(report.changed))
+        t = table(
+            f"most changed tensors (top {shown} of {len(report.changed)})",
+            "tensor", ("relative L2", "right"), ("params", "right"),
+        )  # fmt: skip
         for c in report.changed[:top]:
-            t.add_row(c.name, f"{c.relative_l2:.3e}", f"{c.numel:,}")
+            t.add_row(esc(c.name), f"{c.relative_l2:.3e}", f"{c.numel:,}")
         console.print(t)
     console.print(
         f"{report.unchanged} tensor(s) unchanged ({human_bytes(report.unchanged_bytes)}), "

@@ -2,36 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 
-from savepoints.cli import cli
+from savepoints import InvalidArgumentError, MissingDependencyError
 from savepoints.cli.inspect import print_points_table
+from savepoints.cli.output import console, echo_json_lines, esc, event, json_option
+from savepoints.cli.resolve import open_run, refuse_point_folder, resolve_best_or_latest
 from savepoints.compact import require_plain
-from savepoints.errors import InvalidArgumentError, SavePointNotFoundError
-from savepoints.layout import MANIFEST_NAME
-from savepoints.manager import SavePoint, SavePoints
 from savepoints.preemption import DEFAULT_DEADLINE, Preemption
 
-console = Console(highlight=False, stderr=False)
 
-
-def _need_transformers(command: str) -> None:
+def need_transformers(command: str) -> None:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise InvalidArgumentError(
-            f"`savepoints {command}` needs transformers, which is not installed.",
-            "pip install 'savepoints[transformers]'",
+        raise MissingDependencyError(
+            f"`savepoints {command}`", "transformers", "transformers"
         ) from None
 
 
-@cli.command("train")
+@click.command("train")
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option(
     "--run",
@@ -90,8 +84,10 @@ def train_cmd(data: Path, run: Path, preemption_deadline: float, **options: Any)
     preempting the job) it first takes an emergency save point at the end of the current
     step and exits with code 75.
     """
-    _need_transformers("train")
+    need_transformers("train")
     from savepoints.integrations.finetune import FinetuneConfig, finetune
+
+    refuse_point_folder(run)
 
     if options["learning_rate"] is None:
         options["learning_rate"] = 5e-5 if options["model"] else 1e-3
@@ -105,12 +101,12 @@ def train_cmd(data: Path, run: Path, preemption_deadline: float, **options: Any)
     try:
         finetune(
             cfg,
-            on_event=lambda msg: console.print(f"[cyan]savepoints[/] {msg}"),
+            on_event=event,
             callbacks=[_progress_callback()],
             preemption=Preemption(deadline=preemption_deadline),
         )
     except KeyboardInterrupt:
-        latest = SavePoints(run, readonly=True).latest() if run.is_dir() else None
+        latest = open_run(run).latest() if run.is_dir() else None
         where = f"step {latest.step}" if latest else "the start (nothing was committed yet)"
         console.print(
             f"\n[yellow]Interrupted.[/] Committed save points are intact; run the same "
@@ -174,37 +170,18 @@ def _progress_callback() -> Any:
     return RichProgress()
 
 
-def resolve_point(target: Path, step: str | None, latest: bool) -> SavePoint:
-    """A save point folder as given, or the best (default), latest or ``step`` (a number
-    or a tag) of a run."""
-    if (target / MANIFEST_NAME).is_file():
-        return SavePoint.open(target)
-    points = SavePoints(target, readonly=True)
-    if step is not None:
-        return points.get(int(step) if step.isdigit() else step)
-    listed = points.list()
-    if not listed:
-        raise SavePointNotFoundError(target, "best", [])
-    if not latest:
-        try:
-            best = points.best()
-        except InvalidArgumentError:
-            best = None  # no metric recorded: fall back to the latest
-        if best is not None:
-            return best
-    return listed[-1]
-
-
 def read_texts(texts: tuple[str, ...], file: Path | None) -> list[str]:
+    """The texts to classify: the arguments, then the lines of ``file``; else stdin."""
+    from savepoints.integrations.finetune import decode_utf8
+
+    def lines(data: bytes, source: Path) -> list[str]:
+        return [line for line in decode_utf8(data, source).splitlines() if line.strip()]
+
     out = list(texts)
     if file is not None:
-        out += [
-            line.rstrip("\n")
-            for line in file.read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ]
+        out += lines(file.read_bytes(), file)
     if not out and not sys.stdin.isatty():
-        out = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        out = lines(sys.stdin.buffer.read(), Path("<stdin>"))
     if not out:
         raise InvalidArgumentError(
             "No texts to classify.",
@@ -213,7 +190,25 @@ def read_texts(texts: tuple[str, ...], file: Path | None) -> list[str]:
     return out
 
 
-@cli.command("predict")
+def load_classifier(path: Path, step: int) -> tuple[Any, Any]:
+    """The model and tokenizer of a save point, or a clear error when it holds none that
+    Transformers can load as a text classifier."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InvalidArgumentError(
+            f"Save point step {step} ({path}) cannot be loaded as a text classifier: {why}",
+            "predict needs a save point of a Transformers ...ForSequenceClassification model "
+            "with its tokenizer, such as `savepoints train` writes.",
+        ) from None
+    return model, tokenizer
+
+
+@click.command("predict")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.argument("texts", nargs=-1)
 @click.option(
@@ -222,10 +217,10 @@ def read_texts(texts: tuple[str, ...], file: Path | None) -> list[str]:
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
     help="Read texts from this file, one per line.",
 )
-@click.option("--step", help="Use the save point of this step (or tag).")
+@click.option("--step", help="Use this save point: a step, a tag, 'latest' or 'best'.")
 @click.option("--latest", is_flag=True, help="Use the latest save point instead of the best.")
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing the save point first.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per text.")
+@json_option("One JSON object per line, one line per text.")
 def predict_cmd(
     target: Path,
     texts: tuple[str, ...],
@@ -236,25 +231,23 @@ def predict_cmd(
     as_json: bool,
 ) -> None:
     """Classify texts with the best save point of TARGET (a run), or a save point FOLDER."""
-    _need_transformers("predict")
+    need_transformers("predict")
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    point = resolve_point(target, step, latest)
+    point = resolve_best_or_latest(target, step, latest)
     require_plain(point.path, point.manifest, "predict")
     inputs = read_texts(texts, file)
     if not no_verify:
         point.verify().raise_if_failed()
-    model = AutoModelForSequenceClassification.from_pretrained(point.path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(point.path)
+    model, tokenizer = load_classifier(point.path, point.step)
     if not as_json:
         metrics = ", ".join(
             f"{k} {v:.4g}" for k, v in point.metrics.items() if k.startswith("eval_")
         )
         suffix = f"; {metrics}" if metrics else ""
-        console.print(f"[dim]save point step {point.step} ({point.path}){suffix}[/]")
+        console.print(f"[dim]save point step {point.step} ({esc(str(point.path))}){suffix}[/]")
     results = []
     with torch.no_grad():
         for start in range(0, len(inputs), 32):
@@ -272,8 +265,9 @@ def predict_cmd(
                         "probability": round(float(p[i]), 4),
                     }
                 )
+    if as_json:
+        echo_json_lines(results)
+        return
     for r in results:
-        if as_json:
-            click.echo(json.dumps(r, ensure_ascii=False))
-        else:
-            console.print(f"[bold]{r['label']:>12}[/] {r['probability']:6.1%}  {r['text']}")
+        label, text = esc(f"{r['label']:>12}"), esc(r["text"])
+        console.print(f"[bold]{label}[/] {r['probability']:6.1%}  {text}")

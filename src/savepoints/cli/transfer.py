@@ -5,20 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.console import Console
 
-from savepoints.cli import cli
 from savepoints.cli.inspect import print_points_table
-from savepoints.cli.train import resolve_point
-from savepoints.manager import SavePoints
-
-console = Console(highlight=False)
+from savepoints.cli.output import console, done, esc
+from savepoints.cli.resolve import open_run, resolve_best_or_latest
 
 
-@cli.command("export")
+@click.command("export")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--step", help="Export the save point of this step (or tag).")
+@click.option("--step", help="Export this save point: a step, a tag, 'latest' or 'best'.")
 @click.option("--latest", is_flag=True, help="Export the latest save point instead of the best.")
 @click.option(
     "--dtype",
@@ -39,20 +35,20 @@ def export_cmd(target: Path, out: Path, step: str | None, latest: bool, dtype: s
     FOLDER, to the new folder OUT."""
     from savepoints.export import export
 
-    point = resolve_point(target, step, latest)
+    point = resolve_best_or_latest(target, step, latest)
     export(point, out, fmt=fmt, dtype=dtype)  # type: ignore[arg-type]
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    console.print(
-        f"[green]✓[/] exported step {point.step} ({point.path}) to {out} "
+    done(
+        f"exported step {point.step} ({point.path}) to {out} "
         f"as {fmt}{f', {dtype}' if dtype else ''}: {size / 1e6:.1f} MB"
     )
     if fmt == "hf":
-        console.print(f'  load it: pipeline("text-classification", model="{out}")')
+        console.print(f'  load it: pipeline("text-classification", model="{esc(str(out))}")')
     else:
-        console.print(f'  resume it: trainer.train(resume_from_checkpoint="{out}")')
+        console.print(f'  resume it: trainer.train(resume_from_checkpoint="{esc(str(out))}")')
 
 
-@cli.command("import")
+@click.command("import")
 @click.argument("source", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace save points of the same steps.")
@@ -62,10 +58,9 @@ def import_cmd(source: Path, run: Path, overwrite: bool) -> None:
     from savepoints.hf_import import find_checkpoints, import_hf
 
     find_checkpoints(source)  # a clear error before the run folder is created
-    with SavePoints(run) as points:
+    with open_run(run, write=True) as points:
         imported = import_hf(
-            source, points, overwrite=overwrite,
-            on_event=lambda msg: console.print(f"  [green]✓[/] {msg}"),
-        )  # fmt: skip
-    console.print(f"Imported {len(imported)} save point(s) into {run}.\n")
+            source, points, overwrite=overwrite, on_event=lambda msg: done(msg, indent=2)
+        )
+    console.print(f"Imported {len(imported)} save point(s) into {esc(str(run))}.\n")
     print_points_table(run)
