@@ -63,6 +63,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The event log and weight digest of the other crash bench (a sibling in bench/).
+from crash_trials import Log, digest, read_log
+
 MODES = ("replace", "compact")
 STEPS = (1, 2, 3)
 IN, HIDDEN, OUT = 512, 1024, 512
@@ -97,42 +100,12 @@ def set_version(model: Any, version: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g))
 
 
-def digest(model: Any) -> str:
-    import blake3
-
-    h = blake3.blake3()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def version_number(trial: int, op: int) -> int:
     """Unique within a run: the trial that wrote it and the op's number in that trial."""
     return trial * 100_000 + op
 
 
 # ---------------------------------------------------------------------- the worker
-
-
-class Log:
-    """Events a worker leaves for the parent: one JSON line each, appended with one
-    write() so a SIGKILL loses at most the event it was about to write."""
-
-    def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def __call__(self, event: str, **fields: Any) -> None:
-        os.write(self.fd, (json.dumps({"e": event, **fields}) + "\n").encode())
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    events = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                events.append(json.loads(line))
-    return events
 
 
 def worker(job: dict[str, Any], ready: Callable[[], None]) -> None:

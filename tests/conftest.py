@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tweeteval"
 
 
@@ -112,3 +114,12 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     # No model hub here: any accidental download must fail fast, not hang.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def load_bench(name: str):
+    """Import ``bench/<name>.py`` as the module ``name`` (bench scripts import siblings)."""
+    import importlib
+
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)

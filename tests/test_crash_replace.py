@@ -11,14 +11,13 @@ all); the full run is ``python bench/crash_replace.py``.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "crash_replace.py"
+from conftest import load_bench
+
 TRIALS = int(os.environ.get("SAVEPOINTS_CRASH_REPLACE_TRIALS", "25"))
 
 pytestmark = pytest.mark.skipif(
@@ -28,12 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def crash_replace():
-    spec = importlib.util.spec_from_file_location("crash_replace", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["crash_replace"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("crash_replace")
 
 
 @pytest.fixture(scope="module")

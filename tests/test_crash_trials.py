@@ -6,23 +6,14 @@ The full run (200 trials each of sync and async saves, plus the Trainer comparis
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "crash_trials.py"
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def crash_trials():
-    spec = importlib.util.spec_from_file_location("crash_trials", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["crash_trials"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("crash_trials")
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
