@@ -59,8 +59,7 @@ def test_the_trainer_example_trains_saves_and_resumes(tmp_path, monkeypatch, tok
 
     monkeypatch.chdir(tmp_path)
     rows = [
-        {"input_ids": [(i * 7 + k) % 300 + 1 for k in range(8)], "labels": i % 3}
-        for i in range(16)
+        {"input_ids": [(i * 7 + k) % 300 + 1 for k in range(8)], "labels": i % 3} for i in range(16)
     ]
     code = python_blocks()["In an existing Trainer script"]
     for max_steps in (4, 6):  # the second run resumes from the first one's save point

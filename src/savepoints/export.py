@@ -52,7 +52,7 @@ def export(
     if dtype is not None and dtype not in DTYPE_ALIASES:
         raise InvalidArgumentError(
             f"Unknown dtype {dtype!r}.",
-            f"Use one of {', '.join(DTYPE_ALIASES)} (or none to keep it)."
+            f"Use one of {', '.join(DTYPE_ALIASES)} (or none to keep it).",
         )
     if dtype is not None and fmt == "hf-trainer":
         raise InvalidArgumentError(

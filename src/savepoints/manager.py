@@ -481,8 +481,7 @@ class SavePoints:
         if isinstance(savepoint, os.PathLike):
             return SavePoint.open(savepoint)
         raise InvalidArgumentError(
-            f"Cannot restore {savepoint!r}: expected a SavePoint, a step, a tag, a folder "
-            "or None.",
+            f"Cannot restore {savepoint!r}: expected a SavePoint, a step, a tag, a folder or None.",
             "Pass points.latest(), points.best(), a step number, a tag, or a save point folder.",
         )
 

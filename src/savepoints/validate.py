@@ -79,7 +79,6 @@ def check_tags(tags: Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-
 def check_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
     out = dict(extra or {})
     for name, obj in out.items():

@@ -28,7 +28,6 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 LAYER_SHARDS_ABOVE = 64 * 1024**2
 
 
-
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module that holds the weights, under DDP/DataParallel and torch.compile."""
     while True:

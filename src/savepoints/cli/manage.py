@@ -11,9 +11,7 @@ from savepoints import InvalidArgumentError, SavePoint, SavePoints
 from savepoints.cli.output import console, done, echo_json, human_bytes, json_option, table
 from savepoints.cli.resolve import open_run, pick
 
-run_argument = click.argument(
-    "run", type=click.Path(path_type=Path, exists=True, file_okay=False)
-)
+run_argument = click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
 steps_argument = click.argument("steps", nargs=-1, required=True)
 
 

@@ -209,7 +209,7 @@ def _check_quotes_closed(path: Path, lines: list[str], start: int, delimiter: st
         if "unexpected end of data" in str(e):
             raise DataFileError(
                 path,
-                "a quoted field that starts on this line is never closed (a \" is missing)",
+                'a quoted field that starts on this line is never closed (a " is missing)',
                 'Close the quote, and write a quote inside a quoted field as two ("").',
                 line=start,
             ) from None
