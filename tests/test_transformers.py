@@ -204,6 +204,7 @@ def test_imported_hf_checkpoints_resume_exactly_without_unpickling(
 
 
 def test_export_hf_is_a_deployable_bundle(tmp_path, straight):
+    import transformers
     from transformers import AutoModelForSequenceClassification, pipeline
 
     base, _ = straight
@@ -220,7 +221,10 @@ def test_export_hf_is_a_deployable_bundle(tmp_path, straight):
     assert classify("what a day")[0]["label"]
     half = sp_cli("export", base / "run", tmp_path / "half", "--dtype", "bf16", "--latest")
     assert half.returncode == 0, half.stderr
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "half")
+    # transformers 5 loads in the saved dtype by default; 4.x only when asked to
+    major = int(transformers.__version__.split(".")[0])
+    auto = {"dtype": "auto"} if major >= 5 else {"torch_dtype": "auto"}
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "half", **auto)
     assert next(model.parameters()).dtype == torch.bfloat16
     again = sp_cli("export", base / "run", tmp_path / "half")
     assert again.returncode == 1 and "not empty" in again.stderr
