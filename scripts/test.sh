@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The test suite: set up (first run only), then lint, type-check and run pytest; then
-# the Trainer integration's tests again against the oldest versions savepoints promises
-# (scripts/min-versions.txt, in .venv-min). Run with test paths (a subset), it runs only
-# those, in .venv. SAVEPOINTS_MIN_VERSIONS=0 skips the oldest-versions run.
+# The test suite: set up (first run only), then lint, check formatting, type-check and run
+# pytest; then the Trainer integration's tests again against the oldest versions
+# savepoints promises (scripts/min-versions.txt, in .venv-min). Run with test paths (a
+# subset), it runs only those, in .venv. SAVEPOINTS_MIN_VERSIONS=0 skips the
+# oldest-versions run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/ruff check src tests examples bench
+.venv/bin/ruff format --check src tests examples bench
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"
 
