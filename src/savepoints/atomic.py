@@ -92,6 +92,10 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+#: What a step's folder is: missing, a committed save point, or something in the way.
+PointState = Literal["absent", "committed", "uncommitted"]
+
+
 @dataclass
 class Staged:
     """A folder being written, invisible until :meth:`commit` renames it into place."""

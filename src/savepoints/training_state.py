@@ -75,10 +75,6 @@ def read_tree(folder: Path, info: Mapping[str, Any]) -> Any:
     return decode_tree(skeleton, tensors)
 
 
-def restore_optimizer(optimizer: Any, folder: Path, info: Mapping[str, Any]) -> None:
-    optimizer.load_state_dict(prepare_optimizer(optimizer, folder, info))
-
-
 def prepare_optimizer(optimizer: Any, folder: Path, info: Mapping[str, Any]) -> Any:
     """Read the optimizer state and check that it fits ``optimizer``; return it."""
     saved = read_tree(folder, info)
@@ -112,10 +108,6 @@ def prepare_optimizer(optimizer: Any, folder: Path, info: Mapping[str, Any]) -> 
     if mismatched:
         raise StateMismatchError("optimizer", folder, mismatched=mismatched)
     return saved
-
-
-def restore_object(what: str, obj: Any, folder: Path, info: Mapping[str, Any]) -> None:
-    obj.load_state_dict(prepare_object(what, obj, folder, info))
 
 
 def prepare_object(what: str, obj: Any, folder: Path, info: Mapping[str, Any]) -> Any:

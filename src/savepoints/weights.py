@@ -239,21 +239,16 @@ def read_model_tensors(folder: Path, info: Mapping[str, Any]) -> dict[str, torch
     return tensors
 
 
-def restore_model(model: torch.nn.Module, folder: Path, info: Mapping[str, Any]) -> None:
-    """Copy a save point's weights into ``model``, in place.
-
-    Everything is checked from the safetensors headers first (names, shapes, dtypes), so
-    a mismatch changes nothing; then each tensor is read from the memory-mapped file and
-    copied straight into the live parameter, one at a time: the extra memory is one
-    tensor, not a second model."""
-    prepare_model(model, folder, info)()
-
-
 def prepare_model(
     model: torch.nn.Module, folder: Path, info: Mapping[str, Any]
 ) -> Callable[[], None]:
-    """Check the save point's weights against ``model`` (raising on any mismatch) and
-    return the function that copies them in."""
+    """Check the save point's weights against ``model`` and return the function that
+    copies them in, in place.
+
+    Everything is checked from the safetensors headers first (names, shapes, dtypes), so
+    a mismatch changes nothing; the returned function reads each tensor from the
+    memory-mapped file and copies it straight into the live parameter, one at a time: the
+    extra memory is one tensor, not a second model."""
     from safetensors import safe_open
 
     model = unwrap_model(model)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from savepoints.atomic import Recovery, Staged
+from savepoints.atomic import PointState, Recovery, Staged
 from savepoints.manifest import Manifest
 from savepoints.storage.local import LocalStorage, Usage
 
@@ -51,7 +51,7 @@ class Storage(Protocol):
         """Where the save point of ``step`` lives (whether or not it exists)."""
         ...
 
-    def state_of(self, step: int) -> str:
+    def state_of(self, step: int) -> PointState:
         """``"absent"``, ``"committed"``, or ``"uncommitted"`` (a folder without a valid
         manifest is in the way)."""
         ...

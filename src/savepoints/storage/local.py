@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from savepoints import atomic
+from savepoints.atomic import PointState
 from savepoints.errors import (
     NotARunError,
     RunLockedError,
@@ -113,7 +114,7 @@ class LocalStorage:
     def point_dir(self, step: int) -> Path:
         return self.layout.point_dir(step)
 
-    def state_of(self, step: int) -> str:
+    def state_of(self, step: int) -> PointState:
         folder = self.layout.point_dir(step)
         if not folder.exists():
             return "absent"
