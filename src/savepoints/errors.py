@@ -357,3 +357,56 @@ class IncompatibleTransformersError(SavePointsError, RuntimeError):
             f"savepoints supports transformers >= {minimum}: pip install 'transformers{wanted}'"
             + (", or a newer savepoints." if too_new else "."),
         )
+
+
+class RanksError(SavePointsError, RuntimeError):
+    """The ranks of a ``torch.distributed`` job could not complete a collective save or
+    restore together. Raised on every rank that could still learn of it; nothing
+    already committed was changed, and no partial save point became visible."""
+
+
+class RanksTimeoutError(RanksError, TimeoutError):
+    """A rank waited longer than the timeout for the others (a call made on some ranks
+    only, a rank that died or is stuck, or a write slower than the timeout)."""
+
+    def __init__(self, rank: int, world: int, during: str, timeout: float, detail: str) -> None:
+        self.rank, self.world, self.during, self.timeout = rank, world, during, timeout
+        super().__init__(
+            f"Rank {rank} of {world} waited {timeout:g} s for the other ranks during {during} "
+            f"and gave up ({detail}). Every rank must call save() and restore() together, "
+            "with the same step; a rank that did not, or died, leaves the others waiting. "
+            "Nothing committed was changed.",
+            "Call them on every rank (not under `if rank == 0`). If a rank is merely slow "
+            "(a large save on a slow disk), raise the limit: SavePoints(..., timeout=1800) "
+            "or SAVEPOINTS_TIMEOUT=1800. The process group may be unusable after this: "
+            "restart the job to resume from the last committed save point.",
+        )
+
+
+class RanksDisagreeError(RanksError, ValueError):
+    """The ranks called a collective with different values (steps, say)."""
+
+    def __init__(self, what: str, during: str, values: Sequence[object]) -> None:
+        self.what, self.during, self.values = what, during, list(values)
+        shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(self.values[:8]))
+        super().__init__(
+            f"The ranks disagree on {what} during {during} ({shown}); nothing was saved or "
+            "changed.",
+            "Call it on every rank with the same values (the step of the same optimizer "
+            "step, the same model and optimizer on each rank).",
+        )
+
+
+class RankFailedError(RanksError):
+    """Another rank failed its part of a collective save or restore."""
+
+    def __init__(self, during: str, failures: Sequence[tuple[int, str]]) -> None:
+        self.during = during
+        self.failures = list(failures)
+        shown = "; ".join(f"rank {r}: {why}" for r, why in self.failures[:4])
+        super().__init__(
+            f"{during} failed on {len(self.failures)} rank(s): {shown}. No rank committed "
+            "anything; earlier save points are intact and training can go on.",
+            "Fix what the failing rank reports (its own traceback has the details), then "
+            "call it again on every rank.",
+        )

@@ -101,7 +101,11 @@ class VerifyReport:
 
 
 def verify_files(
-    folder: Path, expected: dict[str, tuple[int, str]], ignore: set[str]
+    folder: Path,
+    expected: dict[str, tuple[int, str]],
+    ignore: set[str],
+    *,
+    look_for_extra: bool = True,
 ) -> VerifyReport:
     """Compare ``folder`` against ``{relative path: (size, hash)}``.
 
@@ -139,7 +143,7 @@ def verify_files(
         report.bytes_checked += size
         if actual != digest:
             report.problems.append(Problem("altered", rel, "content hash differs"))
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for dirpath, dirnames, filenames in os.walk(folder) if look_for_extra else ():
         dirnames.sort()
         for name in sorted(filenames):
             rel = (Path(dirpath) / name).relative_to(folder).as_posix()
@@ -159,16 +163,26 @@ def _is_inside(root: Path, target: Path) -> bool:
 # ------------------------------------------------------------ save points and runs
 
 
-def verify_point(folder: Path) -> VerifyReport:
-    """Re-hash every file a save point's manifest lists, and the manifest's own hash."""
+def verify_point(folder: Path, share: tuple[int, int] | None = None) -> VerifyReport:
+    """Re-hash every file a save point's manifest lists, and the manifest's own hash.
+
+    ``share=(i, n)``: only the i-th of n shares of the files (ranks verifying one save
+    point together); share 0 also checks the manifest's hash and looks for extra files.
+    """
     try:
         manifest, raw = read_manifest_bytes(folder / MANIFEST_NAME)
     except SavePointsError as e:
         report = VerifyReport(path=folder)
         report.problems.append(Problem("manifest", MANIFEST_NAME, str(e)))
         return report
-    expected = {rel: (e.size, e.hash) for rel, e in manifest.files.items()}
-    report = verify_files(folder, expected, ignore={MANIFEST_NAME})
+    listed = {rel: (e.size, e.hash) for rel, e in manifest.files.items()}
+    index, count = share or (0, 1)
+    expected = {rel: listed[rel] for rel in sorted(listed)[index::count]}
+    report = verify_files(
+        folder, expected, ignore={MANIFEST_NAME, *listed}, look_for_extra=index == 0
+    )
+    if index != 0:
+        return report
     why = manifest_hash_problem(raw, manifest)
     if why is not None:
         report.problems.insert(0, Problem("manifest", MANIFEST_NAME, why))

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from savepoints import keep as keep_mod
+from savepoints.distributed import Ranks, RankWriter
 from savepoints.errors import (
     InvalidArgumentError,
     MetricNotFoundError,
@@ -34,12 +35,13 @@ from savepoints.errors import (
     SavePointNotFoundError,
     TagInUseError,
 )
-from savepoints.integrity import VerifyReport, verify, verify_run
+from savepoints.integrity import Problem, VerifyReport, verify, verify_point, verify_run
 from savepoints.keep import Keep, Mode, PointInfo
 from savepoints.layout import MANIFEST_NAME
 from savepoints.restore import restore_into
 from savepoints.savepoint import PendingSave, SavePoint
 from savepoints.serialize import check_json
+from savepoints.sharded import write_ranked
 from savepoints.storage import LocalStorage, Storage, Usage
 from savepoints.validate import (
     check_extra,
@@ -76,6 +78,14 @@ class SavePoints:
     commit and retention run in a background thread, one save at a time); ``if_busy``
     (what an asynchronous ``save()`` does while the previous one is still being written:
     ``"wait"`` for it, or ``"skip"`` this save and return None).
+
+    **Several ranks** (a ``torch.distributed`` process group is initialised): every rank
+    opens the run and calls ``save()`` and ``restore()`` together, with the same step.
+    Rank 0 holds the lock and commits; each rank writes its share of the weights and
+    optimizer state (DDP or FSDP2) and its own RNG; a failure on any rank is an error on
+    every rank and leaves nothing visible. ``timeout`` (seconds, default 600 or
+    ``SAVEPOINTS_TIMEOUT``) bounds how long a rank waits for the others at each step, so
+    a call made on one rank only ends in ``RanksTimeoutError`` instead of a hang.
     """
 
     def __init__(
@@ -89,6 +99,7 @@ class SavePoints:
         dedup: bool = True,
         async_save: bool = False,
         if_busy: Literal["wait", "skip"] = "wait",
+        timeout: float | None = None,
     ) -> None:
         if keep is not None and not isinstance(keep, Keep):
             raise InvalidArgumentError(
@@ -114,13 +125,35 @@ class SavePoints:
         self.async_save = async_save
         self.if_busy = if_busy
         self._storage: Storage = LocalStorage(self.path, dedup=dedup)
-        self._writer: Writer | None = None
+        self._writer: Writer | RankWriter | None = None
         self._closed = False
+        self._ranks = Ranks.detect(timeout)
+        if self._ranks is not None and async_save:
+            raise InvalidArgumentError(
+                "async_save=True is not supported in a multi-rank run yet: the ranks write "
+                "one save point together, synchronously.",
+                "Leave async_save off under torch.distributed.",
+            )
         if self.path.exists() and not self.path.is_dir():
             raise NotARunError(self.path, "it is a file, not a folder")
         if readonly:
             if not self.path.is_dir():
                 raise RunNotFoundError(self.path)
+            return
+        if self._ranks is not None:
+            failure: BaseException | None = None
+            if self._ranks.is_main:  # rank 0 alone holds the lock and recovers the run
+                try:
+                    self._storage.open_for_writing()
+                except BaseException as e:
+                    failure = e
+            self._ranks.vote(failure, f"opening the run {self.path}")
+            self._writer = RankWriter(
+                self._storage,
+                self._ranks,
+                keep_record=lambda: dataclasses.asdict(self.keep),
+                after_commit=self._apply_retention,
+            )
             return
         self._storage.open_for_writing()
         self._writer = Writer(
@@ -162,7 +195,7 @@ class SavePoints:
         with contextlib.suppress(BaseException):  # nothing can be reported from a finalizer
             self.close()
 
-    def _check_writable(self, action: str) -> Writer:
+    def _check_writable(self, action: str) -> Writer | RankWriter:
         if self.readonly or self._writer is None:
             raise ReadOnlyRunError(self.path, action)
         if self._closed:
@@ -334,6 +367,12 @@ class SavePoints:
             scheduler=scheduler, rng=rng, extra=extra, files=files,
             max_shard_size=self.max_shard_size, layer_shards_above=self.layer_shards_above,
         )  # fmt: skip
+        if self._ranks is not None:
+            write = functools.partial(
+                write_ranked, ranks=self._ranks, model=model, tokenizer=tokenizer,
+                optimizer=optimizer, scheduler=scheduler, rng=rng, extra=extra, files=files,
+                max_shard_size=self.max_shard_size, layer_shards_above=self.layer_shards_above,
+            )  # fmt: skip
         return self.save_with(
             step, write, metrics=metrics, state=state, tags=tags, overwrite=overwrite
         )
@@ -431,6 +470,13 @@ class SavePoints:
         for and it fails verification, the newest save point that verifies is restored
         instead, with a warning naming what was wrong (``fallback=False`` raises).
         """
+        if self._ranks is not None:
+            point = self._resolve_together(savepoint, verify, fallback)
+            restore_into(point, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng,
+                         extra=extra, ranks=self._ranks)  # fmt: skip
+            if self._writer is not None:
+                self._writer.parent = point.step
+            return point.state
         point = self._resolve(savepoint)
         if verify:
             report = point.verify()
@@ -444,6 +490,69 @@ class SavePoints:
         if self._writer is not None:
             self._writer.parent = point.step
         return point.state
+
+    def _resolve_together(
+        self, savepoint: SavePoint | int | str | os.PathLike[str] | None, verify: bool,
+        fallback: bool,
+    ) -> SavePoint:  # fmt: skip
+        """Every rank restores the same save point: rank 0 picks it (they must have asked
+        for the same one), the ranks verify a share of its files each, and when the
+        latest fails, they fall back together to the newest that verifies."""
+        ranks = self._ranks
+        assert ranks is not None
+        during = "restore()"
+        asked = str(savepoint.path) if isinstance(savepoint, SavePoint) else savepoint
+        ranks.agree("the save point to restore", None if asked is None else str(asked), during)
+        failure: BaseException | None = None
+        candidates: builtins.list[str] = []
+        if ranks.is_main:
+            try:
+                point = self._resolve(savepoint)
+                candidates = [str(point.path)]
+                if savepoint is None and fallback and verify:
+                    candidates += [str(p.path) for p in reversed(self.list())
+                                   if p.step < point.step]  # fmt: skip
+            except BaseException as e:
+                failure = e
+        ranks.vote(failure, during)
+        candidates = ranks.broadcast_json(candidates, during)
+        first: VerifyReport | None = None
+        for path in candidates:
+            point = SavePoint.open(path)
+            if not verify:
+                return point
+            report = self._verify_together(point)
+            if report.ok:
+                if first is not None:
+                    problems = "; ".join(str(p) for p in first.all_problems()[:5])
+                    warnings.warn(
+                        f"savepoints: the latest save point ({first.path}) failed "
+                        f"verification ({problems}); restoring step {point.step}, the newest "
+                        "that verifies. Pass fallback=False to get an error instead.",
+                        stacklevel=3,
+                    )
+                return point
+            first = first or report
+            if savepoint is not None or not fallback:
+                break
+        assert first is not None
+        first.raise_if_failed()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _verify_together(self, point: SavePoint) -> VerifyReport:
+        """Each rank hashes a share of the files; every rank gets the whole report."""
+        ranks = self._ranks
+        assert ranks is not None
+        mine = verify_point(point.path, share=(ranks.rank, ranks.world))
+        said = [[p.kind, p.path, p.detail] for p in mine.problems]
+        heard = ranks.all_gather_json([said, mine.files_checked, mine.bytes_checked],
+                                      f"restore(), verifying {point.path}")  # fmt: skip
+        report = VerifyReport(path=point.path)
+        for problems, files, size in heard:
+            report.problems += [Problem(kind, path, detail) for kind, path, detail in problems]
+            report.files_checked += files
+            report.bytes_checked += size
+        return report
 
     def _newest_verifying(self, bad: SavePoint, report: VerifyReport) -> SavePoint:
         problems = "; ".join(str(p) for p in report.all_problems()[:5])

@@ -47,7 +47,11 @@ MODEL_KINDS: tuple[ModelKind, ...] = ("transformers", "peft", "torch")
 
 #: A component restored through ``load_state_dict`` (optimizer, scheduler, an extra),
 #: or the tokenizer: the files it is read from and the class it was saved from.
-ComponentInfo = TypedDict("ComponentInfo", {"files": list[str], "class": str}, total=False)
+#: ``keys``: "names" for an optimizer state keyed by parameter name (written by several
+#: ranks, through ``torch.distributed.checkpoint.state_dict``); absent: by position.
+ComponentInfo = TypedDict(
+    "ComponentInfo", {"files": list[str], "class": str, "keys": Literal["names"]}, total=False
+)
 
 #: The model: its weight files (safetensors, or shards plus the standard index), how it
 #: was saved (a Transformers model, a PEFT adapter, a plain torch module), the tensor
@@ -73,6 +77,22 @@ class RngInfo(TypedDict, total=False):
     generators: list[str]
 
 
+class RankFiles(TypedDict):
+    files: list[str]
+
+
+class RanksInfo(TypedDict, total=False):
+    """A save point written by several ranks of a ``torch.distributed`` job: how many,
+    which files each wrote, and the per-rank state (index = rank). Weights and
+    optimizer state are stored as whole tensors, whatever the sharding, so any number
+    of ranks (or a plain process) can read them."""
+
+    world_size: int
+    written: list[RankFiles]
+    rng: list[RngInfo]
+    extra: list[dict[str, ComponentInfo]]
+
+
 class CompactedInfo(TypedDict):
     """A compacted file: the original it rebuilds, with that original's size and hash."""
 
@@ -96,6 +116,8 @@ class Contents(TypedDict, total=False):
     files: list[str]
     #: Files compressed by ``compact``: ``{compressed file: what it rebuilds}``.
     compacted: dict[str, CompactedInfo]
+    #: Written by several ranks (absent: by one process).
+    ranks: RanksInfo
 
 
 #: Keys of ``contents`` whose value is one component entry.
@@ -335,6 +357,8 @@ def _entry_problem(where: str, info: Any) -> str | None:
         return f"'{where}.files' is not a list of file names"
     if "class" in info and not isinstance(info["class"], str):
         return f"'{where}.class' is not a string"
+    if "keys" in info and info["keys"] != "names":
+        return f"'{where}.keys' is {info['keys']!r}, not 'names'"
     if where == "contents.model":
         if "kind" in info and info["kind"] not in MODEL_KINDS:
             return f"'{where}.kind' is {info['kind']!r}, not one of {', '.join(MODEL_KINDS)}"
@@ -367,6 +391,9 @@ def _contents_problem(contents: dict[str, Any], files: dict[str, FileEntry]) -> 
         why = _entry_problem(f"contents.extra.{name}", info)
         if why is not None:
             return why
+    why = _ranks_problem(contents.get("ranks", {}))
+    if why is not None:
+        return why
     placed = contents.get("files", [])
     if not isinstance(placed, list) or not all(isinstance(n, str) for n in placed):
         return "'contents.files' is not a list of file names"
@@ -396,6 +423,31 @@ def _contents_problem(contents: dict[str, Any], files: dict[str, FileEntry]) -> 
                     stack.append(value)
         elif isinstance(node, list):
             stack.extend(node)
+    return None
+
+
+def _ranks_problem(ranks: Any) -> str | None:
+    if not isinstance(ranks, dict):
+        return "'contents.ranks' is not an object"
+    if not ranks:
+        return None
+    world = ranks.get("world_size")
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        return "'contents.ranks.world_size' is not a positive integer"
+    for key in ("written", "rng", "extra"):
+        value = ranks.get(key, [])
+        if not isinstance(value, list) or len(value) not in (0, world):
+            return f"'contents.ranks.{key}' is not a list of one entry per rank"
+        for r, entry in enumerate(value):
+            entries = (
+                entry.items() if key == "extra" and isinstance(entry, dict) else [(key, entry)]
+            )
+            if key == "extra" and not isinstance(entry, dict):
+                return f"'contents.ranks.extra[{r}]' is not an object"
+            for name, info in entries:
+                why = _entry_problem(f"contents.ranks.{key}[{r}].{name}", info)
+                if why is not None:
+                    return why
     return None
 
 

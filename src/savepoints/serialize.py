@@ -21,7 +21,7 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -107,25 +107,42 @@ def write_safetensors(
 
     Tensors must be on the CPU. Returns the file size; ``hasher`` has seen every byte.
     """
+    for name, t in tensors.items():
+        if t.device.type != "cpu":
+            raise ValueError(f"tensor {name!r} is on {t.device}; snapshot it to the CPU first")
+    specs = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+    return write_safetensors_stream(path, specs, tensors.__getitem__, metadata, hasher=hasher)
+
+
+def write_safetensors_stream(
+    path: Path,
+    specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+    fetch: Callable[[str], torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    hasher: StreamHasher,
+) -> int:
+    """Write a safetensors file whose header comes from ``specs`` (name: dtype, shape)
+    and whose tensors are asked of ``fetch`` one at a time, in sorted name order, each
+    as a CPU tensor: at most one tensor needs to be in memory (a tensor gathered from
+    several ranks, say). Hashes and fsyncs like :func:`write_safetensors`."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
     offset = 0
     # Sorted by name so the same state always gives the same bytes (and the same hash).
-    names = sorted(tensors)
+    names = sorted(specs)
     for name in names:
-        t = tensors[name]
-        if t.device.type != "cpu":
-            raise ValueError(f"tensor {name!r} is on {t.device}; snapshot it to the CPU first")
-        code = _DTYPE_NAMES.get(t.dtype)
+        dtype, shape = specs[name]
+        code = _DTYPE_NAMES.get(dtype)
         if code is None:
             raise UnserializableStateError(
-                "tensor", name, t, f"dtype {t.dtype} has no safetensors equivalent"
+                "tensor", name, dtype, f"dtype {dtype} has no safetensors equivalent"
             )
-        size = t.numel() * t.element_size()
+        size = math.prod(shape) * dtype.itemsize
         header[name] = {
             "dtype": code,
-            "shape": list(t.shape),
+            "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
         offset += size
@@ -140,11 +157,19 @@ def write_safetensors(
             pipe.feed(memoryview(head))
             _write_all(f, memoryview(head))
             for name in names:
-                data = tensor_bytes(tensors[name])
+                t = fetch(name)
+                if (
+                    t.device.type != "cpu"
+                    or t.dtype != specs[name][0]
+                    or tuple(t.shape) != tuple(specs[name][1])
+                ):
+                    raise ValueError(f"tensor {name!r} is not the CPU tensor its header describes")
+                data = tensor_bytes(t)
                 for start in range(0, len(data), _CHUNK):
                     chunk = data[start : start + _CHUNK]
                     pipe.feed(chunk)
                     _write_all(f, chunk)
+                del t, data
             pipe.finish()
             os.fsync(f.fileno())
     except BaseException:

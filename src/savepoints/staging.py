@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import torch
 
 from savepoints.integrity import StreamHasher, hash_file
 from savepoints.manifest import FileEntry
-from savepoints.serialize import write_safetensors
+from savepoints.serialize import write_safetensors, write_safetensors_stream
 
 
 class HostBuffers:
@@ -92,6 +92,19 @@ class FileRecorder:
             self.pending.append((rel, snap, metadata))
             return
         self._write_tensor_file(rel, {k: v.detach().cpu() for k, v in tensors.items()}, metadata)
+
+    def write_tensor_stream(
+        self,
+        rel: str,
+        specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+        fetch: Callable[[str], torch.Tensor],
+        metadata: Mapping[str, str] | None,
+    ) -> None:
+        """Write a tensor file at once, asking ``fetch`` for one tensor at a time (in
+        sorted name order): see :func:`~savepoints.serialize.write_safetensors_stream`."""
+        h = StreamHasher()
+        size = write_safetensors_stream(self.path(rel), specs, fetch, metadata, hasher=h)
+        self.files[rel] = FileEntry(size, h.hexdigest())
 
     def flush(self) -> None:
         """Write the tensor files whose snapshots were deferred, fsync deferred files."""

@@ -132,10 +132,10 @@ def _check_class(what: str, obj: Any, folder: Path, info: Mapping[str, Any]) -> 
 RNG_HF_KEYS = {"python": "python", "numpy": "numpy", "torch": "cpu", "cuda": "cuda"}
 
 
-def write_rng(rec: FileRecorder, state: Mapping[str, Any]) -> RngInfo:
-    """Write RNG states (``{generator: state}``) as ``training_state/rng.*``."""
+def write_rng(rec: FileRecorder, state: Mapping[str, Any], name: str = "rng") -> RngInfo:
+    """Write RNG states (``{generator: state}``) as ``training_state/<name>.*``."""
     skeleton, tensors = encode_tree(dict(state), "rng state")
-    return {"files": write_tree(rec, "rng", skeleton, tensors)["files"],
+    return {"files": write_tree(rec, name, skeleton, tensors)["files"],
             "generators": sorted(state)}  # fmt: skip
 
 

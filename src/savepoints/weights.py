@@ -41,6 +41,36 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def model_class(model: torch.nn.Module) -> type:
+    """The model's own class: FSDP2's ``fully_shard`` swaps in a subclass named
+    ``FSDP<Class>`` that Transformers' ``from_pretrained`` would not know."""
+    cls = type(model)
+    if any(base.__name__ == "FSDPModule" for base in cls.__bases__):
+        return next(b for b in cls.__bases__ if b.__name__ != "FSDPModule")
+    return cls
+
+
+def is_dtensor(t: object) -> bool:
+    """A ``torch.distributed.tensor.DTensor`` (a parameter sharded by FSDP2, say)."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``t``: its local shard for a DTensor, else ``t``."""
+    return cast(torch.Tensor, t.to_local()) if is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def local_slice(t: torch.Tensor) -> tuple[slice, ...] | None:
+    """For a DTensor, the index of the global tensor that this rank holds; else None."""
+    if not is_dtensor(t):
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    dt: Any = t
+    shape, offset = compute_local_shape_and_global_offset(dt.shape, dt.device_mesh, dt.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
 def is_peft_model(model: object) -> bool:
     """A ``peft.PeftModel`` (duck-typed: peft is never imported here)."""
     return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
@@ -69,7 +99,8 @@ def alias_groups(state: Mapping[str, torch.Tensor]) -> list[list[str]]:
     for name, t in state.items():
         if t.numel() == 0:
             continue
-        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+        local = local_part(t)
+        key = (local.device, local.data_ptr(), t.dtype, tuple(t.shape), tuple(local.stride()))
         groups.setdefault(key, []).append(name)
     return [g for g in groups.values() if len(g) > 1]
 
@@ -88,7 +119,8 @@ def write_model(
     model = unwrap_model(model)
     tensors, tied = model_tensors(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    info: ModelInfo = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    cls = model_class(model)
+    info: ModelInfo = {"class": f"{cls.__module__}.{cls.__qualname__}"}
     prefix = ""
     if is_peft_model(model):
         # PEFT's own layout (adapter_config.json, adapter_model.safetensors) so that
@@ -100,7 +132,7 @@ def write_model(
         prefix = f"{TRAINING_STATE_DIR}/model/"
     elif is_transformers_model(model):
         info["kind"] = "transformers"
-        _write_transformers_config(rec, model)
+        write_transformers_config(rec, model)
     else:
         info["kind"] = "torch"
     info["files"] = write_weights(
@@ -126,27 +158,40 @@ def write_weights(
     (trainable and frozen tensors apart) when the weights reach ``layer_shards_above``
     bytes, so a part that did not change is the same file as before and is stored once;
     else shards only past ``max_shard_bytes``. ``prefix`` puts them in a subfolder."""
+    files, index = plan_weight_files(tensors, max_shard_bytes, layer_shards_above, trainable)
+    for rel, shard in files:
+        rec.write_tensors(prefix + rel, shard, WEIGHTS_METADATA)
+    if index is not None:
+        rec.write_json(prefix + WEIGHTS_INDEX_NAME, index)
+        return [prefix + WEIGHTS_INDEX_NAME, *(prefix + rel for rel, _ in files)]
+    return [prefix + rel for rel, _ in files]
+
+
+WEIGHTS_METADATA = {"format": "pt"}
+
+
+def plan_weight_files(
+    tensors: Mapping[str, torch.Tensor],
+    max_shard_bytes: int,
+    layer_shards_above: int | None = None,
+    trainable: Set[str] = frozenset(),
+) -> tuple[list[tuple[str, dict[str, torch.Tensor]]], dict[str, Any] | None]:
+    """Which tensors go into which weights file (see :func:`write_weights`), and the
+    standard index when there are several files (None for one ``model.safetensors``)."""
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if layer_shards_above is not None and total >= layer_shards_above:
         shards = _layer_shards(tensors, max_shard_bytes, trainable)
     else:
         shards = _plan_shards(tensors, max_shard_bytes)
-    metadata = {"format": "pt"}
     if len(shards) == 1:
-        rec.write_tensors(prefix + WEIGHTS_NAME, shards[0], metadata)
-        return [prefix + WEIGHTS_NAME]
-    weight_map: dict[str, str] = {}
-    names = []
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        rec.write_tensors(prefix + fname, shard, metadata)
-        weight_map.update({k: fname for k in shard})
-        names.append(prefix + fname)
-    rec.write_json(
-        prefix + WEIGHTS_INDEX_NAME,
-        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-    )
-    return [prefix + WEIGHTS_INDEX_NAME, *names]
+        return [(WEIGHTS_NAME, shards[0])], None
+    files = [
+        (f"model-{i:05d}-of-{len(shards):05d}.safetensors", shard)
+        for i, shard in enumerate(shards, 1)
+    ]
+    weight_map = {name: rel for rel, shard in files for name in shard}
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    return files, index
 
 
 def dedupe_aliases(
@@ -201,14 +246,14 @@ def _plan_shards(
     return shards
 
 
-def _write_transformers_config(rec: FileRecorder, model: Any) -> None:
+def write_transformers_config(rec: FileRecorder, model: Any) -> None:
     # What save_pretrained records, so from_pretrained and pipelines find the class and
     # dtype; done through the model's own objects, so transformers is never imported.
     config = model.config
     dtype = getattr(model, "dtype", None)
     if isinstance(dtype, torch.dtype):
         config.dtype = str(dtype).removeprefix("torch.")
-    config.architectures = [type(model).__name__]
+    config.architectures = [model_class(model).__name__]
     config.save_pretrained(str(rec.root))
     can_generate = getattr(model, "can_generate", None)
     generation_config = getattr(model, "generation_config", None)
@@ -285,6 +330,11 @@ def prepare_model(
             for rel, names in by_file.items():
                 with safe_open(str(component_path(folder, rel)), "pt") as f:
                     for name in names:
-                        live[name].copy_(f.get_tensor(name))
+                        target = live[name]
+                        part = local_slice(target)
+                        if part is None:
+                            target.copy_(f.get_tensor(name))
+                        else:  # only the slice this rank holds is read
+                            local_part(target).copy_(f.get_slice(name)[part])
 
     return apply

@@ -130,7 +130,7 @@ class Writer:
         happens here. Asynchronous: ``write`` only snapshots; the rest runs in the
         background and a :class:`PendingSave` is returned at once."""
         started = time.perf_counter()
-        replace = self._replaces(step, overwrite)
+        replace = replaces(self.storage, step, overwrite)
         buffers = self._buffers if self.async_save else None
         try:
             staged = self.storage.stage(step)
@@ -182,17 +182,6 @@ class Writer:
         _WITH_SAVES_IN_FLIGHT.add(self)
         return self._inflight
 
-    def _replaces(self, step: int, overwrite: bool) -> bool:
-        """Whether this save replaces a folder in the way (only with ``overwrite``)."""
-        found = self.storage.state_of(step)
-        if found == "absent":
-            return False
-        if overwrite:
-            return True
-        raise SavePointExistsError(
-            self.storage.point_dir(step), step, committed=found == "committed"
-        )
-
     def wait(self) -> SavePoint | None:
         """Block until the save in flight is committed; raise its error, once."""
         if in_worker():
@@ -217,6 +206,16 @@ class Writer:
         return self._pool
 
 
+def replaces(storage: Storage, step: int, overwrite: bool) -> bool:
+    """Whether a save of ``step`` replaces a folder in the way (only with ``overwrite``)."""
+    found = storage.state_of(step)
+    if found == "absent":
+        return False
+    if overwrite:
+        return True
+    raise SavePointExistsError(storage.point_dir(step), step, committed=found == "committed")
+
+
 def in_worker() -> bool:
     """Whether this code runs in a background save (retention after a commit)."""
     return threading.current_thread().name.startswith(WORKER_PREFIX)
@@ -237,13 +236,22 @@ def versions() -> dict[str, str]:
     return found
 
 
+def clear_error(e: BaseException, run: Path, step: int) -> BaseException:
+    """The typed error a user can act on for an error of a failed save (chained)."""
+    clear: BaseException | None = None
+    if isinstance(e, PermissionError) and not isinstance(e, SavePointsError):
+        clear = RunNotWritableError(run, e.strerror or "permission denied")
+    elif isinstance(e, OSError) and not isinstance(e, SavePointsError) and e.errno == errno.ENOSPC:
+        clear = DiskFullError(run, step)
+    if clear is None:
+        return e
+    clear.__cause__ = e
+    return clear
+
+
 def _raise_clearly(e: BaseException, run: Path, step: int) -> NoReturn:
     """Re-raise an error of a failed save as the typed error a user can act on."""
-    if isinstance(e, PermissionError) and not isinstance(e, SavePointsError):
-        raise RunNotWritableError(run, e.strerror or "permission denied") from e
-    if isinstance(e, OSError) and not isinstance(e, SavePointsError) and e.errno == errno.ENOSPC:
-        raise DiskFullError(run, step) from e
-    raise e
+    raise clear_error(e, run, step)
 
 
 _WITH_SAVES_IN_FLIGHT: weakref.WeakSet[Writer] = weakref.WeakSet()

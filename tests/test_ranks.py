@@ -1,0 +1,213 @@
+"""Several ranks, one run: real ``torch.distributed`` processes (gloo on 127.0.0.1),
+started here as torchrun would start them (tests/ranks_worker.py is one rank)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from savepoints import SavePoints, verify
+from savepoints.layout import RunLayout
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch built without distributed"
+)
+
+WORKER = Path(__file__).with_name("ranks_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(
+    scenario: str, run: Path, world: int = 2, timeout: float = 180, **env: str
+) -> list[dict[str, Any]]:
+    """Run ``scenario`` on ``world`` ranks; each rank's result, in rank order."""
+    out = run.parent / f"{run.name}-{scenario}-{time.monotonic_ns()}"
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        penv = {
+            **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
+            "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "GLOO_SOCKET_IFNAME": "lo",
+            "OMP_NUM_THREADS": "1", **env,
+        }  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), scenario, str(run), str(out)],
+                env=penv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    results = []
+    for rank, proc in enumerate(procs):
+        try:
+            text, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        path = Path(f"{out}.rank-{rank}.json")
+        result = json.loads(path.read_text()) if path.exists() else {}
+        result["rc"], result["output"] = proc.returncode, text
+        results.append(result)
+    return results
+
+
+def ok(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for r in results:
+        assert r["rc"] == 0 and "error" not in r, r.get("output", "")[-3000:]
+    return results
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """A run that 2 FSDP2 ranks trained for 5 steps, with a save point at step 3."""
+    run = tmp_path_factory.mktemp("ranks") / "run"
+    return run, ok(launch("train_and_save", run))
+
+
+def test_fsdp2_save_point_is_one_committed_folder(saved: Any) -> None:
+    run, _ = saved
+    points = SavePoints(run, readonly=True)
+    (point,) = points.list()
+    ranks = point.manifest.contents["ranks"]
+    assert ranks["world_size"] == 2
+    assert len(ranks["rng"]) == 2 and ranks["rng"][0] != ranks["rng"][1]
+    # Both ranks wrote files, each file by one rank; the manifest lists them all.
+    written = [set(r["files"]) for r in ranks["written"]]
+    assert written[0] and written[1] and not written[0] & written[1]
+    assert written[0] | written[1] == set(point.manifest.files)
+    assert any("optimizer-" in f for f in written[1])
+    assert verify(point.path).ok
+    # No DCP metadata, no pickle anywhere.
+    names = list(point.manifest.files)
+    assert not any(n.endswith((".metadata", ".pt", ".pth", ".bin", ".distcp")) for n in names)
+    assert point.manifest.contents["optimizer"]["keys"] == "names"
+    assert not list(RunLayout(run).staging.glob("*")) if RunLayout(run).staging.exists() else True
+
+
+def test_fsdp2_resume_at_two_ranks_is_bit_exact_with_per_rank_rng(saved: Any) -> None:
+    run, before = saved
+    after = ok(launch("resume", run, FORBID_PICKLE="1"))
+    for b, a in zip(before, after):
+        assert a["restored"] == b["at_save"]  # model, optimizer, param groups: bit-exact
+        assert a["scheduler"]["last_epoch"] == 3
+        assert a["losses"] == b["losses"]  # the next steps equal the uninterrupted run's
+        assert a["final"] == b["final"]
+
+
+def test_fsdp2_restores_at_one_rank(saved: Any) -> None:
+    run, before = saved
+    (one,) = ok(launch("resume", run, world=1, FORBID_PICKLE="1"))
+    assert one["restored"] == before[0]["at_save"]
+    assert one["scheduler"]["last_epoch"] == 3
+
+
+def test_restores_in_a_plain_process_and_loads_with_from_pretrained(saved: Any) -> None:
+    from transformers import GPT2LMHeadModel
+
+    sys.path.insert(0, str(WORKER.parent))
+    from ranks_worker import build, full_state
+
+    run, before = saved
+    model, optimizer, scheduler = build("plain")
+    points = SavePoints(run, readonly=True)
+    state = points.restore(model=model, optimizer=optimizer, scheduler=scheduler, rng=False)
+    assert state == {"step": 3}
+    assert full_state(model, optimizer) == before[0]["at_save"]
+    point = points.latest()
+    assert point is not None
+    loaded = GPT2LMHeadModel.from_pretrained(point.path)
+    assert loaded.config.architectures == ["GPT2LMHeadModel"]
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    # Tied weights are stored once, under the name Transformers keeps.
+    assert point.manifest.contents["model"]["tied"] == {"lm_head.weight": "transformer.wte.weight"}
+
+
+def test_ddp_resume_is_bit_exact(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    before = ok(launch("train_and_save", run, MODEL_KIND="ddp"))
+    (point,) = SavePoints(run, readonly=True).list()
+    files = point.manifest.contents["ranks"]["written"]
+    weights = [f for r in files for f in r["files"] if f.startswith("model")]
+    assert weights == ["model.safetensors"]  # DDP's replicated weights: written once
+    after = ok(launch("resume", run, MODEL_KIND="ddp", FORBID_PICKLE="1"))
+    for b, a in zip(before, after):
+        assert a["restored"] == b["at_save"]
+        assert a["losses"] == b["losses"]
+        assert a["final"] == b["final"]
+
+
+@pytest.mark.parametrize("how", ["enospc", "kill"])
+def test_a_rank_failing_mid_write_leaves_nothing_visible(tmp_path: Path, how: str) -> None:
+    run = tmp_path / "run"
+    results = launch("fail_mid_write", run, HOW=how)
+    if how == "enospc":
+        r0, r1 = ok(results)
+        assert r1["save_error"] == "DiskFullError"
+        assert r0["save_error"] == "RankFailedError" and "rank 1" in r0["save_message"]
+        assert r0["listed"] == r1["listed"] == []
+        assert r0["after"] == r1["after"] == [2]  # training went on and saved again
+    else:
+        r0, r1 = results
+        assert r1["rc"] == -9
+        assert r0["save_error"] in ("RanksError", "RanksTimeoutError"), r0["output"][-2000:]
+        assert r0["seconds"] < 60
+        assert r0["listed"] == []
+    points = SavePoints(run)  # a writer's open cleans what the failed save left
+    assert [p.step for p in points.list()] == ([2] if how == "enospc" else [])
+    assert not any(RunLayout(run).staging.iterdir())
+    assert verify(run).ok
+
+
+def test_a_save_called_on_one_rank_only_fails_within_the_timeout(tmp_path: Path) -> None:
+    r0, _ = launch("one_rank_saves", tmp_path / "run", RANKS_TEST_TIMEOUT="4")
+    assert r0["save_error"] == "RanksTimeoutError", r0["output"][-2000:]
+    assert "every rank must call save()" in r0["save_message"].lower()
+    assert r0["seconds"] < 30
+    assert r0["listed"] == []
+
+
+def test_ranks_disagreeing_on_the_step_get_a_clear_error(tmp_path: Path) -> None:
+    for r in ok(launch("disagree", tmp_path / "run")):
+        assert r["save_error"] == "RanksDisagreeError"
+        assert "rank 0: 10, rank 1: 11" in r["save_message"]
+        assert r["listed"] == []
+
+
+def test_verify_catches_a_flipped_bit_in_rank_1s_files(saved: Any, tmp_path: Path) -> None:
+    import shutil
+
+    source, _ = saved
+    run = tmp_path / "run"
+    shutil.copytree(source, run, copy_function=shutil.copy2)
+    (point,) = SavePoints(run, readonly=True).list()
+    rel = sorted(point.manifest.contents["ranks"]["written"][1]["files"])[0]
+    target = point.path / rel
+    raw = bytearray(target.read_bytes())
+    raw[-1] ^= 0x01
+    target.write_bytes(bytes(raw))
+    report = verify(run)
+    assert not report.ok
+    assert [p.kind for p in report.all_problems()] == ["altered"]
+    assert rel in str(report.all_problems()[0])
+    for r in ok(launch("restore_flipped", run)):
+        assert r["restore_error"] == "CorruptSavePointError"
+        assert rel in r["restore_message"]
