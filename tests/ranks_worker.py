@@ -236,7 +236,52 @@ def restore_flipped(run: Path, rank: int, world: int, result: dict[str, Any]) ->
             result["restore_message"] = str(e)
 
 
+def trainer(run: Path, rank: int, world: int, result: dict[str, Any]) -> None:
+    """Trainer under DDP (gloo, CPU) with SavePointsCallback; STOP_AT stops after that
+    step's save point; RESUME=1 resumes from the latest save point."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from savepoints.transformers import SavePointsCallback, resume_path
+
+    stop_at = int(os.environ.get("STOP_AT", "0"))
+
+    class PerRankSeed(TrainerCallback):
+        # Trainer seeds every rank alike; give each rank its own generators, as data
+        # augmentation or dropout with per-rank seeds would.
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            seed(rank)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == stop_at:
+                control.should_save = True
+                control.should_training_stop = True
+
+    args = TrainingArguments(
+        output_dir=str(run.parent / "hf-out"), per_device_train_batch_size=2, max_steps=6,
+        save_strategy="steps", save_steps=2, logging_steps=1, report_to=[], use_cpu=True,
+        learning_rate=1e-2, seed=7, dataloader_num_workers=0, disable_tqdm=True,
+    )  # fmt: skip
+    model, _, _ = build("plain")
+    gen = torch.Generator().manual_seed(3)
+    data = [
+        {"input_ids": ids, "labels": ids} for ids in torch.randint(0, 96, (48, 8), generator=gen)
+    ]
+    points = SavePoints(run, timeout=TIMEOUT)
+    trainer = Trainer(model=model, args=args, train_dataset=data,
+                      callbacks=[SavePointsCallback(points, preemption=False), PerRankSeed()])  # fmt: skip
+    if os.environ.get("FORBID_PICKLE"):
+        forbid_pickle()
+    resume = resume_path(points) if os.environ.get("RESUME") else None
+    trainer.train(resume_from_checkpoint=resume)
+    result["steps"] = [p.step for p in points.list()]
+    result["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    result["final"] = {n: _digest(t) for n, t in model.state_dict().items()}
+    result["rng"] = [random.random(), float(np.random.rand()), float(torch.rand(1))]
+    points.close()
+
+
 SCENARIOS = {
+    "trainer": trainer,
     "train_and_save": train_and_save,
     "resume": resume,
     "fail_mid_write": fail_mid_write,

@@ -211,3 +211,20 @@ def test_verify_catches_a_flipped_bit_in_rank_1s_files(saved: Any, tmp_path: Pat
     for r in ok(launch("restore_flipped", run)):
         assert r["restore_error"] == "CorruptSavePointError"
         assert rel in r["restore_message"]
+
+
+def test_trainer_ddp_resume_is_bit_exact_with_per_rank_seeds(tmp_path: Path) -> None:
+    whole = ok(launch("trainer", tmp_path / "whole"))
+    assert whole[0]["steps"] == whole[1]["steps"] == [2, 4, 6]
+    run = tmp_path / "run"
+    stopped = ok(launch("trainer", run, STOP_AT="3"))
+    assert stopped[0]["steps"] == [2, 3]
+    (point,) = [p for p in SavePoints(run, readonly=True).list() if p.step == 3]
+    assert len(point.manifest.contents["ranks"]["rng"]) == 2
+    resumed = ok(launch("trainer", run, RESUME="1", FORBID_PICKLE="1"))
+    for w, r in zip(whole, resumed):
+        assert r["steps"] == [2, 3, 4, 6]
+        assert r["final"] == w["final"]  # every weight bit-identical on every rank
+        assert r["losses"] == w["losses"]  # the history up to step 3 comes from the save point
+        assert r["rng"] == w["rng"]  # and each rank's generators where they would be
+    assert whole[0]["rng"] != whole[1]["rng"]

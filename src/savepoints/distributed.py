@@ -202,6 +202,22 @@ class Ranks:
 builtin_any = any
 
 
+def check_not_in_a_job(run: Path) -> None:
+    """Refuse to open a run from one rank of a launcher's job (torchrun and accelerate
+    set ``WORLD_SIZE``) before ``torch.distributed`` is initialised: every rank would
+    then act as the only writer, and all but one would fail on the run's lock."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        rank = os.environ.get("RANK", "?")
+        raise InvalidArgumentError(
+            f"SavePoints({str(run)!r}) was opened on rank {rank} of a {world}-process job "
+            "before torch.distributed was initialised, so the ranks cannot write the run "
+            "together.",
+            "Open it after torch.distributed.init_process_group(...), or after creating "
+            "the TrainingArguments (which initialise it under torchrun and accelerate).",
+        )
+
+
 def _short(text: str, limit: int = 240) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."

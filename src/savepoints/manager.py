@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from savepoints import keep as keep_mod
-from savepoints.distributed import Ranks, RankWriter
+from savepoints.distributed import Ranks, RankWriter, check_not_in_a_job
 from savepoints.errors import (
     InvalidArgumentError,
     MetricNotFoundError,
@@ -128,6 +128,8 @@ class SavePoints:
         self._writer: Writer | RankWriter | None = None
         self._closed = False
         self._ranks = Ranks.detect(timeout)
+        if self._ranks is None and not readonly:
+            check_not_in_a_job(self.path)
         if self._ranks is not None and async_save:
             raise InvalidArgumentError(
                 "async_save=True is not supported in a multi-rank run yet: the ranks write "
@@ -323,6 +325,16 @@ class SavePoints:
     def verify(self) -> VerifyReport:
         """Verify every save point folder of the run."""
         return verify_run(self.path)
+
+    def verify_point(self, point: SavePoint) -> VerifyReport:
+        """Verify one save point; in a multi-rank run (collective: every rank calls it)
+        each rank hashes a share of its files and every rank gets the whole report."""
+        return point.verify() if self._ranks is None else self._verify_together(point)
+
+    @property
+    def ranks(self) -> Ranks | None:
+        """The ranks of the ``torch.distributed`` job writing this run (None: one process)."""
+        return self._ranks
 
     # ---------------------------------------------------------------- saving
 

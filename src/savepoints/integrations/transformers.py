@@ -283,7 +283,8 @@ class SavePointsCallback(TrainerCallback):
         point = SavePoint.open(folder)
         require_plain(point.path, point.manifest, "resume a Trainer")
         if point.path not in self._verified:
-            point.verify().raise_if_failed()
+            # In a multi-rank run the ranks hash a share of the files each.
+            self.points.verify_point(point).raise_if_failed()
             self._verified.add(point.path)
         return point
 
@@ -375,7 +376,7 @@ def _save_checkpoint(cb: SavePointsCallback, model: Any, trial: Any) -> None:
     trainer_state = json.dumps(asdict(state), indent=2, sort_keys=True) + "\n"
     full = not args.save_only_model
     scaler = getattr(trainer.accelerator, "scaler", None)
-    if not args.should_save:
+    if not args.should_save and cb.points.ranks is None:
         return  # another process of a distributed run writes the save point
     cb.points.save(
         step,
@@ -420,17 +421,25 @@ def _restore_optimizer_and_scheduler(cb: SavePointsCallback, point: SavePoint) -
         point,
         optimizer=cb.trainer.optimizer if "optimizer" in contents else None,
         scheduler=cb.trainer.lr_scheduler if "scheduler" in contents else None,
+        names_from=cb.trainer.model,
+        ranks=cb.points.ranks,
     )
 
 
 def _restore_rng(cb: SavePointsCallback, point: SavePoint) -> None:
-    restore_into(point, rng=True)
+    # In a multi-rank run, each rank its own generators (as Trainer's rng_state_N.pth).
+    restore_into(point, rng=True, ranks=cb.points.ranks)
 
 
 def _restore_scaler(cb: SavePointsCallback, point: SavePoint) -> None:
     scaler = getattr(cb.trainer.accelerator, "scaler", None)
-    if "scaler" in point.manifest.contents.get("extra", {}) and scaler is not None:
-        restore_into(point, extra={"scaler": scaler})
+    contents = point.manifest.contents
+    saved = contents.get("extra", {})
+    per_rank = contents.get("ranks", {}).get("extra")
+    if per_rank and cb.points.ranks is not None:
+        saved = per_rank[cb.points.ranks.rank] if cb.points.ranks.rank < len(per_rank) else {}
+    if "scaler" in saved and scaler is not None:
+        restore_into(point, extra={"scaler": scaler}, ranks=cb.points.ranks)
 
 
 def _save_point_or_original(name: str, restore: Callable[..., None]) -> Callable[..., Any]:
