@@ -123,6 +123,9 @@ def main() -> None:
     result: dict[str, Any] = {"rank": rank, "world": world}
     try:
         SCENARIOS[scenario](run, rank, world, result)
+    except SystemExit as e:
+        result["exit"] = e.code
+        raise
     except BaseException as e:
         result["error"] = type(e).__name__
         result["message"] = str(e)
@@ -267,8 +270,8 @@ def trainer(run: Path, rank: int, world: int, result: dict[str, Any]) -> None:
         {"input_ids": ids, "labels": ids} for ids in torch.randint(0, 96, (48, 8), generator=gen)
     ]
     points = SavePoints(run, timeout=TIMEOUT)
-    trainer = Trainer(model=model, args=args, train_dataset=data,
-                      callbacks=[SavePointsCallback(points, preemption=False), PerRankSeed()])  # fmt: skip
+    callbacks = [SavePointsCallback(points, preemption=False), PerRankSeed()]
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
     if os.environ.get("FORBID_PICKLE"):
         forbid_pickle()
     resume = resume_path(points) if os.environ.get("RESUME") else None
@@ -280,7 +283,29 @@ def trainer(run: Path, rank: int, world: int, result: dict[str, Any]) -> None:
     points.close()
 
 
+def preempt(run: Path, rank: int, world: int, result: dict[str, Any]) -> None:
+    """A slow training loop that only saves when preempted (a signal from outside)."""
+    from savepoints import Preemption
+
+    model, optimizer, scheduler = build("fsdp")
+    seed(rank)
+    with SavePoints(run, timeout=TIMEOUT) as points, Preemption(deadline=25) as preemption:
+        for step in range(1, 300):
+            train_step(model, optimizer, scheduler)
+            if step == 2:
+                Path(f"{os.environ['RANKS_OUT']}.started-{rank}").touch()
+            time.sleep(0.1)
+            if preemption.should_stop(points):  # every rank, once per step
+                result["stopped_at"] = step
+                result["signal"] = preemption.received.name if preemption.received else None
+                points.save(step, model=model, optimizer=optimizer, scheduler=scheduler,
+                            state={"step": step})  # fmt: skip
+                preemption.exit(points)
+    result["finished"] = True
+
+
 SCENARIOS = {
+    "preempt": preempt,
     "trainer": trainer,
     "train_and_save": train_and_save,
     "resume": resume,

@@ -35,6 +35,13 @@ def launch(
     scenario: str, run: Path, world: int = 2, timeout: float = 180, **env: str
 ) -> list[dict[str, Any]]:
     """Run ``scenario`` on ``world`` ranks; each rank's result, in rank order."""
+    return finish(*start(scenario, run, world, **env), timeout=timeout)
+
+
+def start(
+    scenario: str, run: Path, world: int = 2, **env: str
+) -> tuple[list[subprocess.Popen[str]], Path]:
+    """Start ``scenario`` on ``world`` ranks, as torchrun would (env:// rendezvous)."""
     out = run.parent / f"{run.name}-{scenario}-{time.monotonic_ns()}"
     port = str(free_port())
     procs = []
@@ -53,6 +60,13 @@ def launch(
                 text=True,
             )
         )
+    return procs, out
+
+
+def finish(
+    procs: list[subprocess.Popen[str]], out: Path, timeout: float = 180
+) -> list[dict[str, Any]]:
+    """Wait for every rank; each rank's result (what it wrote, exit code, output)."""
     results = []
     for rank, proc in enumerate(procs):
         try:
@@ -228,3 +242,71 @@ def test_trainer_ddp_resume_is_bit_exact_with_per_rank_seeds(tmp_path: Path) -> 
         assert r["losses"] == w["losses"]  # the history up to step 3 comes from the save point
         assert r["rng"] == w["rng"]  # and each rank's generators where they would be
     assert whole[0]["rng"] != whole[1]["rng"]
+
+
+def wait_for(paths: list[Path], procs: list[Any], limit: float = 120) -> None:
+    deadline = time.monotonic() + limit
+    while not all(p.exists() for p in paths):
+        assert time.monotonic() < deadline, "the ranks did not start training"
+        assert all(p.poll() is None for p in procs), [p.communicate()[0][-3000:] for p in procs]
+        time.sleep(0.2)
+
+
+def check_preempted(run: Path, results: list[dict[str, Any]], signal_name: str) -> int:
+    stops = {r["stopped_at"] for r in results}
+    assert len(stops) == 1, results  # one emergency save point, the same step on all ranks
+    (step,) = stops
+    points = SavePoints(run, readonly=True)
+    (point,) = points.list()
+    assert point.step == step and point.preempted == signal_name
+    mark = json.loads(RunLayout(run).preempted.read_text())
+    assert mark["step"] == step and mark["exit_code"] == 75 and mark["signal"] == signal_name
+    from click.testing import CliRunner
+
+    from savepoints.cli.main import cli
+
+    shown = CliRunner().invoke(cli, ["list", str(run)], terminal_width=200)
+    assert f"preempted ({signal_name})" in shown.output, shown.output
+    return int(step)
+
+
+def test_sigterm_to_one_rank_gives_one_emergency_save_point_on_all_ranks(tmp_path: Path) -> None:
+    import signal
+
+    run = tmp_path / "run"
+    procs, out = start("preempt", run)
+    wait_for([Path(f"{out}.started-{r}") for r in range(2)], procs)
+    procs[1].send_signal(signal.SIGTERM)  # one rank only: the ranks agree at the next step
+    results = finish(procs, out)
+    for r in results:
+        assert r["rc"] == 75 and r["exit"] == 75, r["output"][-3000:]
+        assert "finished" not in r
+    assert [r["signal"] for r in results] == [None, "SIGTERM"]
+    step = check_preempted(run, results, "SIGTERM")
+    # Opening the run to resume consumes the mark.
+    with SavePoints(run) as points:
+        assert points.latest().step == step  # type: ignore[union-attr]
+    assert not RunLayout(run).preempted.exists()
+
+
+def test_sigterm_to_torchrun_saves_on_every_rank_within_the_grace(tmp_path: Path) -> None:
+    import signal
+
+    run = tmp_path / "run"
+    out = tmp_path / "torchrun-out"
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "RANKS_OUT": ""}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+         str(WORKER), "preempt", str(run), str(out)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    wait_for([Path(f"{out}.started-{r}") for r in range(2)], [launcher])
+    signalled = time.monotonic()
+    launcher.send_signal(signal.SIGTERM)  # torchrun forwards it to every worker
+    text, _ = launcher.communicate(timeout=120)
+    assert time.monotonic() - signalled < 30  # before torchrun's SIGKILL
+    assert launcher.returncode != 0, text[-3000:]  # torchrun does not pass 75 on
+    results = [json.loads(Path(f"{out}.rank-{r}.json").read_text()) for r in range(2)]
+    assert [r.get("exit") for r in results] == [75, 75], text[-3000:]
+    check_preempted(run, results, "SIGTERM")

@@ -53,6 +53,7 @@ from savepoints.manifest import (
     parse_manifest,
     read_manifest,
 )
+from savepoints.preemption import preemption_request
 from savepoints.savepoint import SavePoint
 from savepoints.staging import FileRecorder
 from savepoints.storage import Storage
@@ -298,6 +299,7 @@ class RankWriter:
                         contents=_merge_contents(contents, parts),
                         versions=versions(),
                         keep=self._keep_record(),
+                        preempted=preemption_request(),
                     )
                     # What other ranks sent is checked as any reader would, before it counts.
                     parse_manifest(manifest.to_json(), staged.final / MANIFEST_NAME)

@@ -6,6 +6,7 @@ A run folder holds::
     step-00000200/
     .savepoints/            private: never a save point
         lock                held (flock) by the one process writing the run
+        preempted.json      left by a preempted exit until the run is next opened to write
         staging/            save points being written; anything here is uncommitted
         trash/              save points being deleted (renamed here first, so a crash
                             mid-delete never leaves a half-deleted folder in the run),
@@ -75,6 +76,11 @@ class RunLayout:
     @property
     def lock(self) -> Path:
         return self.private / "lock"
+
+    @property
+    def preempted(self) -> Path:
+        """The mark a preempted exit leaves for schedulers and wrappers (JSON)."""
+        return self.private / "preempted.json"
 
     def point_dir(self, step: int) -> Path:
         return self.root / folder_name(step)

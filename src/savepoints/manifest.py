@@ -143,6 +143,8 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     #: The retention policy in force when this was saved (lets readers find "best").
     keep: dict[str, Any] | None = None
+    #: An emergency save point taken on a preemption request: the signal that asked.
+    preempted: str | None = None
     hash_algorithm: str = HASH_ALGORITHM
     format_version: int = FORMAT_VERSION
     #: Fields written by a newer minor revision that this reader does not know; kept.
@@ -153,6 +155,7 @@ class Manifest:
         return sum(e.size for e in self.files.values())
 
     def to_json(self) -> dict[str, Any]:
+        marks = {} if self.preempted is None else {"preempted": self.preempted}
         return {
             **self.extra,
             "format": FORMAT_NAME,
@@ -166,6 +169,7 @@ class Manifest:
             "contents": self.contents,
             "versions": self.versions,
             "keep": self.keep,
+            **marks,
             "hash_algorithm": self.hash_algorithm,
             "files": {k: {"size": e.size, "hash": e.hash} for k, e in sorted(self.files.items())},
         }
@@ -176,7 +180,7 @@ class Manifest:
 
 _KNOWN = {
     "format", "format_version", "step", "created", "metrics", "tags", "state", "parent",
-    "contents", "versions", "keep", "hash_algorithm", "files", "manifest_hash",
+    "contents", "versions", "keep", "hash_algorithm", "files", "manifest_hash", "preempted",
 }  # fmt: skip
 
 #: The manifest's own hash: BLAKE3 of its bytes with this field's value written as 64
@@ -309,6 +313,9 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
     keep = data.get("keep")
     if keep is not None and not isinstance(keep, dict):
         raise bad("'keep' is neither null nor an object")
+    preempted = data.get("preempted")
+    if preempted is not None and not isinstance(preempted, str):
+        raise bad("'preempted' is neither null nor a string")
     algorithm = data.get("hash_algorithm")
     if algorithm != HASH_ALGORITHM:
         raise bad(f"'hash_algorithm' is {algorithm!r}; this savepoints checks {HASH_ALGORITHM!r}")
@@ -341,6 +348,7 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
         contents=cast(Contents, contents),
         versions={str(k): str(v) for k, v in versions.items()},
         keep=keep,
+        preempted=preempted,
         hash_algorithm=algorithm,
         format_version=version,
         extra={k: v for k, v in data.items() if k not in _KNOWN},

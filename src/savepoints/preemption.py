@@ -27,6 +27,17 @@ Exit codes (documented in the README):
 A request the loop never acts on (the ``with`` block ends first) is not swallowed: the
 signal is delivered again to the handler that was there before, as if savepoints had
 never deferred it.
+
+**Several ranks** (``torch.distributed``): a signal may reach one rank only (a node's
+agent, a ``kill`` by hand) or all of them (``torchrun`` forwards SIGTERM to every
+worker, and SIGKILLs them 30 s later). Every rank calls :meth:`Preemption.should_stop`
+once per step instead of reading :attr:`~Preemption.requested`: it tells every rank
+whether *any* rank got a signal (one tiny collective over the run's ranks), so all of
+them save the same step and exit together. The emergency save point records the signal
+(``savepoints list`` shows it), and :meth:`Preemption.exit` leaves a mark in the run,
+``.savepoints/preempted.json`` (step, signal, exit code), for a scheduler or wrapper
+script: ``torchrun`` itself reports exit code 1 when a worker exits with 75. The mark
+stays until the run is next opened for writing.
 """
 
 from __future__ import annotations
@@ -37,15 +48,28 @@ import signal
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
 from savepoints.errors import InvalidArgumentError
+from savepoints.layout import RunLayout
 
 EXIT_PREEMPTED = 75
 EXIT_DEADLINE = 76
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
 DEFAULT_DEADLINE = 25.0  # seconds; under the 30 s grace of Kubernetes and SLURM's KillWait
+
+
+#: The preemption request this process acts on (a signal name; set when a signal arrives
+#: or when the ranks agree that one arrived elsewhere), recorded in the save point
+#: taken for it. One per process: the process exits after acting on it.
+_request: str | None = None
+
+
+def preemption_request() -> str | None:
+    """The signal a save point taken now answers (None when none is pending)."""
+    return _request
 
 
 def _signal_number(sig: int | str) -> signal.Signals:
@@ -105,6 +129,8 @@ class Preemption:
         self._watchdog: threading.Timer | None = None
         self._installed = False
         self._exiting = False
+        #: Whether the ranks agreed (:meth:`should_stop`) that one of them got a signal.
+        self.agreed = False
 
     # ------------------------------------------------------------------ state
 
@@ -112,6 +138,31 @@ class Preemption:
     def requested(self) -> bool:
         """True once a preemption signal arrived: save and call :meth:`exit`."""
         return self.received is not None
+
+    def should_stop(self, points: Any = None) -> bool:
+        """Whether to take an emergency save point now and exit: this process got a
+        signal, or, when ``points`` is a multi-rank run, any of its ranks did. In a
+        multi-rank run it is collective: every rank calls it once per step (at the same
+        step). It never clears a request: a signal that arrives while the ranks compare
+        notes is acted on at the next step."""
+        global _request
+        ranks = getattr(points, "ranks", None)
+        mine = self.received.name if self.received is not None else None
+        heard = [mine] if ranks is None else ranks.all_gather_json(mine, "the preemption check")
+        got = [(rank, name) for rank, name in enumerate(heard) if name is not None]
+        agreed = bool(got)
+        if agreed and not self.agreed:
+            self.agreed = True
+            _request = mine or got[0][1]
+            if mine is None:
+                _say(
+                    f"rank {getattr(ranks, 'rank', '?')}: rank {got[0][0]} got {got[0][1]}; "
+                    "taking the emergency save point with it"
+                )
+                if self.deadline is not None and self._watchdog is None:
+                    self._at = time.monotonic()
+                    self._start_watchdog()
+        return agreed
 
     @property
     def remaining(self) -> float | None:
@@ -136,7 +187,10 @@ class Preemption:
                 f"(this is {threading.current_thread().name!r}).",
                 "Create and enter the Preemption in the main thread, or run training there.",
             )
+        global _request
         self.received, self._at, self._exiting = None, None, False
+        self.agreed = False
+        _request = None
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         self._installed = True
@@ -146,8 +200,10 @@ class Preemption:
         """Put back the handlers that were there before. A request that was never acted
         on is delivered to them now (unless ``deliver_pending`` is False: an exception is
         already ending the program)."""
+        global _request
         if not self._installed:
             return
+        _request = None
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
@@ -178,9 +234,13 @@ class Preemption:
             f"boundary {when}, then exiting with code {self.exit_code}"
         )
         if self.deadline is not None:
-            self._watchdog = threading.Timer(self.deadline, self._deadline_passed)
-            self._watchdog.daemon = True
-            self._watchdog.start()
+            self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        assert self.deadline is not None
+        self._watchdog = threading.Timer(self.deadline, self._deadline_passed)
+        self._watchdog.daemon = True
+        self._watchdog.start()
 
     def _deadline_passed(self) -> None:
         what = self.received.name if self.received else "the signal"
@@ -200,19 +260,37 @@ class Preemption:
     def exit(self, points: Any = None, *, step: int | None = None) -> NoReturn:
         """Wait for ``points``' saves in flight (the deadline still applies), then leave
         with ``exit_code`` by raising SystemExit, so ``with`` blocks close cleanly."""
+        what = self.received.name if self.received else "a preemption request"
         if points is not None:
             last = points.wait() or points.latest()
             if step is None and last is not None:
                 step = last.step
+            ranks = getattr(points, "ranks", None)
+            if ranks is None or ranks.is_main:
+                self._leave_mark(points.path, step, _request or what)
         self._cancel_watchdog()
         self._exiting = True
-        what = self.received.name if self.received else "a preemption request"
         where = f" at step {step}" if step is not None else ""
         _say(
             f"stopped on {what} after an emergency save point{where}; exit code "
             f"{self.exit_code}. Run the same command again to resume."
         )
         raise SystemExit(self.exit_code)
+
+    def _leave_mark(self, run: Any, step: int | None, signal_name: str) -> None:
+        """``.savepoints/preempted.json``: for whatever restarts the job (torchrun's own
+        exit code is 1, whatever the workers' were)."""
+        import json
+
+        from savepoints.atomic import replace_file
+
+        layout = RunLayout(Path(run))
+        mark = {"step": step, "signal": signal_name, "exit_code": self.exit_code,
+                "time": time.time()}  # fmt: skip
+        try:
+            replace_file(layout.preempted, json.dumps(mark).encode(), layout.staging)
+        except OSError as e:
+            _say(f"could not leave the preemption mark {layout.preempted}: {e}")
 
     def __repr__(self) -> str:
         names = ", ".join(s.name for s in self.signals)

@@ -52,6 +52,11 @@ class SavePoint:
         return self.manifest.created
 
     @property
+    def preempted(self) -> str | None:
+        """The signal that asked for this emergency save point (None: a regular one)."""
+        return self.manifest.preempted
+
+    @property
     def state(self) -> dict[str, Any]:
         """The user state saved with ``save(state=...)``."""
         return dict(self.manifest.state)

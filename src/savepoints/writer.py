@@ -37,6 +37,7 @@ from savepoints.errors import (
     SavePointsError,
 )
 from savepoints.manifest import Contents, Manifest
+from savepoints.preemption import preemption_request
 from savepoints.savepoint import PendingSave, SavePoint
 from savepoints.staging import FileRecorder, HostBuffers
 from savepoints.storage import Storage
@@ -130,6 +131,7 @@ class Writer:
         happens here. Asynchronous: ``write`` only snapshots; the rest runs in the
         background and a :class:`PendingSave` is returned at once."""
         started = time.perf_counter()
+        preempted = preemption_request()
         replace = replaces(self.storage, step, overwrite)
         buffers = self._buffers if self.async_save else None
         try:
@@ -160,6 +162,7 @@ class Writer:
                     contents=contents,
                     versions=versions(),
                     keep=self._keep_record(),
+                    preempted=preempted,
                 )
                 self.storage.commit(staged, manifest, replace=replace)
             except BaseException as e:

@@ -44,6 +44,7 @@ def point_summary(sp: SavePoint, latest: bool = False, best: bool = False) -> di
         "created": sp.created.isoformat(),
         "metrics": sp.metrics,
         "tags": list(sp.tags),
+        "preempted": sp.preempted,
         "size": sp.size,
         "latest": latest,
         "best": best,
@@ -88,7 +89,13 @@ def print_table(run: Path, listed: list[SavePoint], latest: int | None, best: in
     rows = []
     for p in listed:
         marks = " ".join(
-            mark for mark, on in (("latest", p.step == latest), ("★ best", p.step == best)) if on
+            mark
+            for mark, on in (
+                ("latest", p.step == latest),
+                ("★ best", p.step == best),
+                (f"⚡ preempted ({p.preempted})", p.preempted is not None),
+            )
+            if on
         )
         rows.append(
             [

@@ -241,7 +241,8 @@ class SavePointsCallback(TrainerCallback):
                 self.preemption = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.preemption is not None and self.preemption.requested:
+        # Every rank asks, every step: a signal to any rank stops them all at this step.
+        if self.preemption is not None and self.preemption.should_stop(self.points):
             # A step boundary: save now (whatever save_strategy says) and stop.
             control.should_save = True
             control.should_training_stop = True

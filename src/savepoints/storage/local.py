@@ -58,6 +58,8 @@ class LocalStorage:
         except OSError as e:
             raise RunNotWritableError(self.root, e.strerror or str(e)) from None
         self._acquire_lock()
+        # The run is being resumed: the mark a preempted exit left has been read.
+        self.layout.preempted.unlink(missing_ok=True)
         recovery = atomic.recover(self.layout, _is_committed)
         if recovery.removed:
             log.warning(
