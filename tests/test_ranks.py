@@ -310,3 +310,59 @@ def test_sigterm_to_torchrun_saves_on_every_rank_within_the_grace(tmp_path: Path
     results = [json.loads(Path(f"{out}.rank-{r}.json").read_text()) for r in range(2)]
     assert [r.get("exit") for r in results] == [75, 75], text[-3000:]
     check_preempted(run, results, "SIGTERM")
+
+
+def test_savepoints_train_runs_under_torchrun_and_resumes(tmp_path: Path) -> None:
+    from conftest import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip("needs ../shared tweet data")
+    from test_train_cli import sample
+
+    train, valid = sample(tmp_path, 96, 32)
+    run = tmp_path / "run"
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+    def torchrun() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+             "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+             # "--": torchrun would take --run for its own --run-path
+             "-m", "savepoints", "--", "train", str(train), "--eval", str(valid), "--run", str(run),
+             "--epochs", "1", "--max-length", "32", "--batch-size", "8", "--save-every", "3"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+
+    first = torchrun()
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert first.stdout.count("save point committed at step 3") == 1  # rank 0 talks
+    points = SavePoints(run, readonly=True).list()
+    assert [p.step for p in points] == [3, 6]
+    assert all(p.manifest.contents["ranks"]["world_size"] == 2 for p in points)
+    assert all(len(p.manifest.contents["ranks"]["rng"]) == 2 for p in points)
+    assert verify(run).ok
+    again = torchrun()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Resuming from the save point at step 6" in again.stdout
+
+
+def test_show_and_export_of_a_save_point_written_by_two_ranks(saved: Any, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from savepoints.cli.main import cli
+
+    run, _ = saved
+    shown = CliRunner().invoke(cli, ["show", str(run)], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert "written by 2 ranks" in shown.output
+    out = tmp_path / "hf"
+    done = CliRunner().invoke(cli, ["export", str(run), str(out), "--format", "hf-trainer"])
+    assert done.exit_code == 0, done.output
+    assert (out / "rng_state_0.pth").is_file() and (out / "rng_state_1.pth").is_file()
+    state = torch.load(out / "optimizer.pt", weights_only=True)
+    assert sorted(state["state"]) == list(range(len(state["state"])))
+    sys.path.insert(0, str(WORKER.parent))
+    from ranks_worker import build
+
+    _, optimizer, _ = build("plain")
+    optimizer.load_state_dict(state)  # Trainer's own optimizer.pt: loads by position

@@ -88,8 +88,10 @@ class Ranks:
 
     ``rank`` and ``world`` are the default group's. Messages go through a gloo group
     created here (so they work whatever the training backend, NCCL included) whose
-    timeout is ``timeout`` seconds. Creating it is itself collective: every rank builds
-    its ``SavePoints`` together.
+    timeout is ``timeout`` seconds, created at the first message (creating it is itself
+    collective, and so are the calls that send messages) and shared by every run of the
+    process that uses the same timeout: opening a run read-only on one rank (to list it,
+    say) involves no other rank.
     """
 
     def __init__(self, timeout: float | None = None) -> None:
@@ -98,9 +100,6 @@ class Ranks:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.timeout = default_timeout() if timeout is None else float(timeout)
-        self._group: Any = None
-        if self.world > 1:
-            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
 
     @classmethod
     def detect(cls, timeout: float | None = None) -> Ranks | None:
@@ -121,6 +120,22 @@ class Ranks:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def _group(self, during: str) -> Any:
+        import torch.distributed as dist
+
+        key = (self.timeout, id(dist.group.WORLD))
+        group = _GROUPS.get(key)
+        if group is None:
+
+            def create() -> None:
+                _GROUPS[key] = dist.new_group(
+                    backend="gloo", timeout=timedelta(seconds=self.timeout)
+                )
+
+            self._run(create, during)
+            group = _GROUPS[key]
+        return group
 
     # ------------------------------------------------------------------ messages
 
@@ -146,16 +161,17 @@ class Ranks:
             return [json.loads(json.dumps(value))]
         import torch.distributed as dist
 
+        group = self._group(during)
         data = json.dumps(value, allow_nan=False).encode()
         size = torch.tensor([len(data)], dtype=torch.int64)
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-        self._run(lambda: dist.all_gather(sizes, size, group=self._group), during)
+        self._run(lambda: dist.all_gather(sizes, size, group=group), during)
         longest = max(int(s.item()) for s in sizes)
         buf = torch.zeros(longest, dtype=torch.uint8)
         if data:
             buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         bufs = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.world)]
-        self._run(lambda: dist.all_gather(bufs, buf, group=self._group), during)
+        self._run(lambda: dist.all_gather(bufs, buf, group=group), during)
         return [json.loads(b[: int(s.item())].numpy().tobytes()) for b, s in zip(bufs, sizes)]
 
     def broadcast_json(self, value: Any, during: str) -> Any:
@@ -164,13 +180,14 @@ class Ranks:
             return value
         import torch.distributed as dist
 
+        group = self._group(during)
         data = json.dumps(value if self.is_main else None, allow_nan=False).encode()
         size = torch.tensor([len(data) if self.is_main else 0], dtype=torch.int64)
-        self._run(lambda: dist.broadcast(size, src=0, group=self._group), during)
+        self._run(lambda: dist.broadcast(size, src=0, group=group), during)
         buf = torch.zeros(int(size.item()), dtype=torch.uint8)
         if self.is_main and data:
             buf[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        self._run(lambda: dist.broadcast(buf, src=0, group=self._group), during)
+        self._run(lambda: dist.broadcast(buf, src=0, group=group), during)
         return json.loads(buf.numpy().tobytes())
 
     def agree(self, what: str, value: Any, during: str) -> None:
@@ -201,6 +218,8 @@ class Ranks:
 
 
 builtin_any = any
+#: The gloo groups savepoints talks over, by (timeout, default group): one per process.
+_GROUPS: dict[tuple[float, int], Any] = {}
 
 
 def check_not_in_a_job(run: Path) -> None:

@@ -147,8 +147,16 @@ def _write_trainer_state_files(point: SavePoint, out: Path) -> None:
     for info, fname in ((contents.get("optimizer"), "optimizer.pt"),
                         (contents.get("scheduler"), "scheduler.pt")):  # fmt: skip
         if info is not None:
-            torch.save(read_tree(point.path, info), out / fname)
-    if "rng" in contents:
+            state = read_tree(point.path, info)
+            if info.get("keys") == "names":
+                state = by_position(state)
+            torch.save(state, out / fname)
+    per_rank = contents.get("ranks", {}).get("rng")
+    if per_rank:  # Trainer's multi-process layout: one file per process
+        for rank, info in enumerate(per_rank):
+            rng = rng_to_hf(read_tree(point.path, info))
+            torch.save(rng, out / f"rng_state_{rank}.pth")
+    elif "rng" in contents:
         torch.save(rng_to_hf(read_tree(point.path, contents["rng"])), out / "rng_state.pth")
     scaler = contents.get("extra", {}).get("scaler")
     if scaler is not None:
@@ -156,6 +164,17 @@ def _write_trainer_state_files(point: SavePoint, out: Path) -> None:
     for name in os.listdir(out):
         with open(out / name, "rb") as f:
             os.fsync(f.fileno())
+
+
+def by_position(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (saved by several ranks) keyed by
+    position instead, as ``torch.optim.Optimizer.load_state_dict`` takes it."""
+    groups = state.get("param_groups", [])
+    index = {name: i for i, name in enumerate(n for g in groups for n in g["params"])}
+    return {
+        "state": {index[name]: value for name, value in state.get("state", {}).items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups],
+    }
 
 
 def model_card(point: SavePoint, dtype: str | None) -> str:

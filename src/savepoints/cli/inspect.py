@@ -137,6 +137,10 @@ def describe_component(name: str, info: object) -> str:
         return ", ".join(map(str, info))
     if not isinstance(info, dict):
         return str(info)
+    if name == "ranks":
+        written = info.get("written", [])
+        share = ", ".join(f"rank {r}: {len(w.get('files', []))}" for r, w in enumerate(written))
+        return f"written by {info.get('world_size')} ranks (files {share})"
     listed: list[Any] = next(
         (info[k] for k in ("generators", "files") if isinstance(info.get(k), list)), []
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -98,11 +99,13 @@ def train_cmd(data: Path, run: Path, preemption_deadline: float, **options: Any)
     # SIGTERM / SIGUSR1 (a scheduler preempting the job): an emergency save point at the
     # end of the current step, then exit code 75. Ctrl-C stops at once: a save in flight
     # is abandoned and its staging removed; committed save points are untouched.
+    # Under torchrun / accelerate launch every rank runs this; rank 0 alone talks.
+    main = os.environ.get("RANK", "0") == "0"
     try:
         finetune(
             cfg,
-            on_event=event,
-            callbacks=[_progress_callback()],
+            on_event=event if main else lambda _: None,
+            callbacks=[_progress_callback()] if main else [],
             preemption=Preemption(deadline=preemption_deadline),
         )
     except KeyboardInterrupt:
@@ -113,8 +116,9 @@ def train_cmd(data: Path, run: Path, preemption_deadline: float, **options: Any)
             f"command again to resume from {where}."
         )
         sys.exit(130)
-    console.print()
-    print_points_table(run)
+    if main:
+        console.print()
+        print_points_table(run)
 
 
 def _progress_callback() -> Any:

@@ -482,6 +482,31 @@ def finetune(
 
     train, evaluation = load_data(cfg)
     metric = f"eval_{cfg.metric}"
+    # Under torchrun or accelerate launch, the TrainingArguments initialise
+    # torch.distributed: before the run is opened, so that every rank writes it together.
+    strategy = "steps" if cfg.save_every else "epoch"
+    args = TrainingArguments(
+        output_dir=str(Path(cfg.run) / ".savepoints" / "trainer"),
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size * 2,
+        gradient_accumulation_steps=cfg.gradient_accumulation,
+        learning_rate=cfg.learning_rate,
+        **_warmup(TrainingArguments, cfg.warmup_ratio),
+        eval_strategy=strategy,
+        save_strategy=strategy,
+        eval_steps=cfg.save_every,
+        save_steps=cfg.save_every or 500,
+        logging_steps=max(1, (cfg.save_every or 10) // 2),
+        metric_for_best_model=cfg.metric,
+        greater_is_better=True,
+        seed=cfg.seed,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        save_only_model=False,
+        disable_tqdm=bool(callbacks),  # the caller shows its own progress
+    )
     keep = Keep(last=cfg.keep_last, best=cfg.keep_best, metric=metric, mode="max")
     points = SavePoints(cfg.run, keep=keep)
     latest = points.latest()
@@ -513,29 +538,6 @@ def finetune(
     on_event(
         f"{len(train.texts)} training and {len(evaluation.texts)} evaluation examples; "
         f"labels: {', '.join(train.label_names)}."
-    )
-    strategy = "steps" if cfg.save_every else "epoch"
-    args = TrainingArguments(
-        output_dir=str(Path(cfg.run) / ".savepoints" / "trainer"),
-        num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size * 2,
-        gradient_accumulation_steps=cfg.gradient_accumulation,
-        learning_rate=cfg.learning_rate,
-        **_warmup(TrainingArguments, cfg.warmup_ratio),
-        eval_strategy=strategy,
-        save_strategy=strategy,
-        eval_steps=cfg.save_every,
-        save_steps=cfg.save_every or 500,
-        logging_steps=max(1, (cfg.save_every or 10) // 2),
-        metric_for_best_model=cfg.metric,
-        greater_is_better=True,
-        seed=cfg.seed,
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        save_only_model=False,
-        disable_tqdm=bool(callbacks),  # the caller shows its own progress
     )
     callback = SavePointsCallback(points, state={"finetune": asdict(cfg)}, preemption=preemption)
     trainer = Trainer(
