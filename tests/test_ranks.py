@@ -366,3 +366,33 @@ def test_show_and_export_of_a_save_point_written_by_two_ranks(saved: Any, tmp_pa
 
     _, optimizer, _ = build("plain")
     optimizer.load_state_dict(state)  # Trainer's own optimizer.pt: loads by position
+
+
+def test_the_readme_torchrun_example_trains_and_resumes(tmp_path: Path) -> None:
+    from test_readme import python_blocks
+
+    code = python_blocks()["Multi-process training"]
+    assert "STEPS, SAVE_EVERY = 200, 50" in code
+    run = tmp_path / "run"
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+    def torchrun(steps: int) -> None:
+        script = tmp_path / f"train_fsdp_{steps}.py"
+        script.write_text(
+            code.replace("STEPS, SAVE_EVERY = 200, 50", f"STEPS, SAVE_EVERY = {steps}, 2")
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+             "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+             str(script), str(run)],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+    torchrun(4)
+    assert [p.step for p in SavePoints(run, readonly=True).list()] == [2, 4]
+    torchrun(8)  # resumes at step 4 and goes on; Keep(last=3)
+    points = SavePoints(run, readonly=True).list()
+    assert [p.step for p in points] == [4, 6, 8]
+    assert points[1].parent == 4  # the second run continued from the first's last save point
+    assert all(p.manifest.contents["ranks"]["world_size"] == 2 for p in points)

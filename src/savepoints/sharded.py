@@ -27,7 +27,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -256,32 +256,151 @@ def _write_owned(
     metadata: Mapping[str, str],
 ) -> None:
     """Each file of ``plan`` written by its owner. Sharded tensors are gathered (every
-    rank takes part, in the same order) one at a time; a rank whose write fails keeps
-    taking part in the gathers so that no other rank waits forever, and raises after."""
+    rank takes part, in the same order) one at a time to their owner, which hands them
+    to a writer thread, so that gathering the next tensor overlaps with writing and
+    hashing this one, as long as the gathered tensors waiting stay within the size of
+    the largest one (so a rank never holds much more than one whole tensor). A rank
+    whose write fails keeps taking part in the gathers, so that no other rank waits
+    forever, and raises at the end."""
     sizes = [sum(t.numel() * t.element_size() for t in shard.values()) for _, shard in plan]
-    failure: BaseException | None = None
-    for (rel, shard), owner in zip(plan, owners(sizes, ranks.world)):
-        mine = owner == ranks.rank
-        names = sorted(shard)
-        gathered: list[str] = []
+    largest = max((t.numel() * t.element_size() for _, sh in plan for t in sh.values()), default=0)
+    writer = _FileWriter(rec, metadata, budget=max(largest, MIN_IN_FLIGHT_BYTES))
+    try:
+        for (rel, shard), owner in zip(plan, owners(sizes, ranks.world)):
+            names = sorted(shard)
+            mine = owner == ranks.rank
+            if mine:
+                writer.open(rel, {n: (shard[n].dtype, tuple(shard[n].shape)) for n in names})
+            for name in names:
+                t = shard[name]
+                if mine:
+                    writer.reserve(t.numel() * t.element_size())
+                whole = _gather(t, owner, ranks.rank)
+                if whole is not None:
+                    writer.put(whole.detach().cpu(), t.numel() * t.element_size())
+    finally:
+        writer.close()
 
-        def fetch(
-            name: str, shard: dict[str, torch.Tensor] = shard, gathered: list[str] = gathered
-        ) -> torch.Tensor:
-            gathered.append(name)
-            return _whole(shard[name]).detach().cpu()
 
-        if mine and failure is None:
-            specs = {n: (t.dtype, tuple(t.shape)) for n, t in shard.items()}
+#: Small tensors may always wait for the writer up to this many bytes in all.
+MIN_IN_FLIGHT_BYTES = 64 * 1024 * 1024
+
+
+class _FileWriter:
+    """One thread writing tensor files from tensors handed over in order, with the bytes
+    of the tensors handed over but not yet written kept within ``budget``."""
+
+    _END = object()
+
+    def __init__(self, rec: FileRecorder, metadata: Mapping[str, str], budget: int) -> None:
+        import queue
+        import threading
+
+        self.rec = rec
+        self.metadata = metadata
+        self.failure: BaseException | None = None
+        self.budget = budget
+        self._in_flight = 0
+        self._room = threading.Condition()
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="savepoints-rank-writer")
+        self._thread.start()
+
+    def open(self, rel: str, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+        self._queue.put((rel, specs))
+
+    def reserve(self, nbytes: int) -> None:
+        """Wait until a tensor of ``nbytes`` may be gathered (the writer caught up)."""
+        with self._room:
+            self._room.wait_for(
+                lambda: self._in_flight == 0 or self._in_flight + nbytes <= self.budget
+            )
+            self._in_flight += nbytes
+
+    def _release(self, nbytes: int) -> None:
+        with self._room:
+            self._in_flight -= nbytes
+            self._room.notify_all()
+
+    def put(self, tensor: torch.Tensor, nbytes: int) -> None:
+        self._queue.put((tensor, nbytes))
+
+    def close(self) -> None:
+        """Wait until every file is written; raise the first failure."""
+        self._queue.put(self._END)
+        self._thread.join()
+        if self.failure is not None:
+            raise self.failure
+
+    def _take(self) -> tuple[torch.Tensor, int]:
+        return cast(tuple[torch.Tensor, int], self._queue.get())
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            rel, specs = item
+            if self.failure is not None:
+                for _ in specs:  # keep taking what the gathering thread hands over
+                    self._release(self._take()[1])
+                continue
+            taken = 0
+            held = 0
+
+            def fetch(name: str) -> torch.Tensor:
+                nonlocal taken, held
+                self._release(held)  # the previous tensor is written
+                tensor, held = self._take()
+                taken += 1
+                return tensor
+
             try:
-                rec.write_tensor_stream(rel, specs, fetch, metadata)
+                self.rec.write_tensor_stream(rel, specs, fetch, self.metadata)
             except BaseException as e:
-                failure = e
-        for name in names[len(gathered) :]:  # what this rank has not taken part in yet
-            if is_dtensor(shard[name]):
-                _whole(shard[name])
-    if failure is not None:
-        raise failure
+                self.failure = e
+                for _ in range(len(specs) - taken):
+                    self._release(self._take()[1])
+            finally:
+                self._release(held)
+
+
+def _gather(t: torch.Tensor, owner: int, rank: int) -> torch.Tensor | None:
+    """``t`` whole on rank ``owner`` (None elsewhere). A DTensor sharded on its first
+    dimension over all ranks (FSDP2's layout) is gathered to the owner alone, into one
+    buffer; other layouts through ``full_tensor`` (every rank takes part). Collective
+    for DTensors; a plain (replicated) tensor needs nobody else."""
+    if not is_dtensor(t):
+        return t if rank == owner else None
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    dt: Any = t
+    mesh = dt.device_mesh
+    if (
+        mesh.ndim != 1
+        or tuple(dt.placements) != (Shard(0),)
+        or mesh.size() != dist.get_world_size()
+        or dt.dim() == 0
+    ):
+        whole = _whole(t)
+        return whole if rank == owner else None
+    group = mesh.get_group()
+    world = mesh.size()
+    rows = dt.shape[0]
+    chunk = -(-rows // world)
+    local = dt.to_local()
+    padded = local
+    if local.shape[0] != chunk:
+        padded = local.new_zeros((chunk, *dt.shape[1:]))
+        padded[: local.shape[0]] = local
+    padded = padded.contiguous()
+    if rank == owner:
+        buffer = local.new_empty((chunk * world, *dt.shape[1:]))
+        dist.gather(padded, list(buffer.split(chunk)), dst=owner, group=group)
+        return buffer[:rows]
+    dist.gather(padded, None, dst=owner, group=group)
+    return None
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
