@@ -73,6 +73,15 @@ _FILE = {"w.safetensors": {"size": 1, "hash": "x"}}
         ({"files": "notes.json"}, "'contents.files'"),
         ({"compacted": []}, "'contents.compacted'"),
         ({"tokenizer": {"files": ["elsewhere.json"]}}, "not among its files"),
+        ({"optimizer": {"files": ["w.safetensors"], "keys": "ids"}}, "'contents.optimizer.keys'"),
+        ({"ranks": []}, "'contents.ranks' is not an object"),
+        ({"ranks": {"world_size": 0}}, "'contents.ranks.world_size'"),
+        ({"ranks": {"world_size": True}}, "'contents.ranks.world_size'"),
+        ({"ranks": {"world_size": 2, "rng": [{"files": []}]}}, "one entry per rank"),
+        ({"ranks": {"world_size": 1, "written": [{"files": "w"}]}}, "'contents.ranks.written"),
+        ({"ranks": {"world_size": 1, "written": [{"files": ["/etc/passwd"]}]}}, "not among"),
+        ({"ranks": {"world_size": 1, "extra": [[]]}}, r"'contents\.ranks\.extra\[0\]'"),
+        ({"ranks": {"world_size": 1, "rng": [{"files": ["x.json"]}]}}, "not among its files"),
     ],
 )
 def test_contents_that_do_not_fit_the_schema_are_named(good, contents, fragment):
@@ -86,9 +95,17 @@ def test_contents_that_fit_the_schema_parse_including_unknown_components(good):
         "rng": {"files": ["w.safetensors"], "generators": ["torch"]},
         "extra": {"ema": {"files": ["w.safetensors"]}},
         "data_loader": {"files": ["w.safetensors"], "position": 5},  # from a newer writer
+        "optimizer": {"files": ["w.safetensors"], "keys": "names"},
+        "ranks": {
+            "world_size": 2,
+            "written": [{"files": ["w.safetensors"]}, {"files": []}],
+            "rng": [{"files": ["w.safetensors"], "generators": ["torch"]}, {"files": []}],
+            "extra": [{"sampler": {"files": ["w.safetensors"]}}, {}],
+        },
     }
     m = parse_manifest({**good, "files": _FILE, "contents": contents}, Path("x"))
     assert m.contents["model"]["kind"] == "torch" and "data_loader" in m.contents
+    assert m.contents["ranks"]["world_size"] == 2
 
 
 def test_newer_version_is_unsupported_not_malformed(good):

@@ -119,6 +119,15 @@ def write_ranked(
             "state is stored by parameter name, which the model gives.",
             "Pass model=model too.",
         )
+    if model is not None and any(
+        type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()
+    ):
+        raise InvalidArgumentError(
+            "The model is wrapped in FullyShardedDataParallel (FSDP1), whose sharded state "
+            "savepoints does not read.",
+            "Shard it with torch.distributed.fsdp.fully_shard (FSDP2) instead; with "
+            "accelerate or the Trainer, set fsdp_version: 2.",
+        )
     base = unwrap_model(model) if model is not None else None
     if base is not None and is_peft_model(base):
         raise InvalidArgumentError(
