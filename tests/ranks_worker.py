@@ -304,7 +304,21 @@ def preempt(run: Path, rank: int, world: int, result: dict[str, Any]) -> None:
     result["finished"] = True
 
 
+def rank0_reads(run: Path, rank: int, world: int, result: dict[str, Any]) -> None:
+    """Rank 0 alone opens the run read-only and restores from it (evaluating the best
+    model on one rank, say): no other rank is involved, nothing waits for one."""
+    model, optimizer, scheduler = build("plain")
+    if rank == 0:
+        started = time.monotonic()
+        points = SavePoints(run, readonly=True)
+        points.restore(model=model, optimizer=optimizer, scheduler=scheduler)
+        result["seconds"] = time.monotonic() - started
+        result["model"] = {f"model.{n}": _digest(t) for n, t in model.state_dict().items()}
+    dist.barrier()
+
+
 SCENARIOS = {
+    "rank0_reads": rank0_reads,
     "preempt": preempt,
     "trainer": trainer,
     "train_and_save": train_and_save,

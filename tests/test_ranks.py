@@ -132,6 +132,14 @@ def test_fsdp2_restores_at_one_rank(saved: Any) -> None:
     assert one["scheduler"]["last_epoch"] == 3
 
 
+def test_a_read_only_restore_on_one_rank_involves_no_other(saved: Any) -> None:
+    run, before = saved
+    r0, _ = ok(launch("rank0_reads", run))
+    assert r0["seconds"] < 30
+    same = [k for k in r0["model"] if k in before[0]["at_save"]]
+    assert same and all(r0["model"][k] == before[0]["at_save"][k] for k in same)
+
+
 def test_restores_in_a_plain_process_and_loads_with_from_pretrained(saved: Any) -> None:
     from transformers import GPT2LMHeadModel
 

@@ -85,7 +85,9 @@ class SavePoints:
     optimizer state (DDP or FSDP2) and its own RNG; a failure on any rank is an error on
     every rank and leaves nothing visible. ``timeout`` (seconds, default 600 or
     ``SAVEPOINTS_TIMEOUT``) bounds how long a rank waits for the others at each step, so
-    a call made on one rank only ends in ``RanksTimeoutError`` instead of a hang.
+    a call made on one rank only ends in ``RanksTimeoutError`` instead of a hang. A run
+    opened ``readonly=True`` is read by this process alone (nothing is collective); its
+    ``restore()`` reads this rank's RNG (``RANK``).
     """
 
     def __init__(
@@ -127,7 +129,10 @@ class SavePoints:
         self._storage: Storage = LocalStorage(self.path, dedup=dedup)
         self._writer: Writer | RankWriter | None = None
         self._closed = False
-        self._ranks = Ranks.detect(timeout)
+        # A run opened read-only is read by this process alone (to list it, or restore
+        # into one rank's objects): only a writable run makes calls collective.
+        self._ranks = None if readonly else Ranks.detect(timeout)
+        self._rank = int(os.environ.get("RANK", "0")) if os.environ.get("RANK", "").isdigit() else 0
         if self._ranks is None and not readonly:
             check_not_in_a_job(self.path)
         if self._ranks is not None and async_save:
@@ -496,9 +501,8 @@ class SavePoints:
                 point = self._newest_verifying(point, report)
             elif not report.ok:
                 report.raise_if_failed()
-        restore_into(
-            point, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng, extra=extra
-        )
+        restore_into(point, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng,
+                     extra=extra, rank=self._rank)  # fmt: skip
         if self._writer is not None:
             self._writer.parent = point.step
         return point.state

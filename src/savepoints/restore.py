@@ -35,6 +35,7 @@ def restore_into(
     extra: Mapping[str, Any] | None = None,
     ranks: Ranks | None = None,
     names_from: Any = None,
+    rank: int = 0,
 ) -> None:
     """Load ``point`` into the live objects given (None: leave that one alone).
 
@@ -48,10 +49,12 @@ def restore_into(
     anything changed when the check failed. Each rank reads its own RNG and per-rank
     objects, and of sharded tensors only its slice. ``names_from``: the model whose
     parameter names key an optimizer state saved by name, when ``model`` is not given.
+    ``rank``: whose RNG and per-rank objects to read when no ``ranks`` are given (one
+    rank restoring on its own).
     """
     contents = point.manifest.contents
     extra = dict(extra or {})
-    rank = ranks.rank if ranks is not None else 0
+    rank = ranks.rank if ranks is not None else rank
     per_rank = contents.get("ranks", {})
     saved_extra = contents.get("extra", {})
     if per_rank.get("extra"):

@@ -386,6 +386,8 @@ def _gather(t: torch.Tensor, owner: int, rank: int) -> torch.Tensor | None:
 
     dt: Any = t
     mesh = dt.device_mesh
+    if mesh.size() == 1:  # one rank holds it all: nothing to gather
+        return dt.to_local() if rank == owner else None
     if (
         mesh.ndim != 1
         or tuple(dt.placements) != (Shard(0),)
