@@ -272,14 +272,19 @@ def test_ctrl_c_in_train_says_how_to_resume_and_resumes(tweets, tmp_path):
     train, valid = tweets
     args = [sys.executable, "-m", "savepoints", "train", str(train), "--eval", str(valid),
             "--run", str(tmp_path / "run"), *TRAIN]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    # As at a terminal: SIGINT not ignored (a shell's background jobs inherit it ignored,
+    # and Python then never raises KeyboardInterrupt).
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     assert proc.stdout is not None
     for line in proc.stdout:
         if "save point committed at step 10" in line:
             break
     proc.send_signal(signal.SIGINT)
     rest = proc.stdout.read()
-    assert proc.wait() == 130
+    assert proc.wait() == 130, rest[-3000:]
     with SavePoints(tmp_path / "run", readonly=True) as points:
         latest = points.latest().step
         assert points.verify().ok

@@ -88,19 +88,21 @@ def restore_into(
                     apply.append(functools.partial(restore_rng, rng_state, folder))
         except BaseException as e:
             failure = e
-        if ranks is not None:
-            ranks.vote(failure, f"{during}, checking")
-        elif failure is not None:
-            raise failure
+        _settle(ranks, failure, f"{during}, checking")
         try:
             for step in apply:
                 step()
         except BaseException as e:
             failure = e
-        if ranks is not None:
-            ranks.vote(failure, f"{during}, loading")
-        elif failure is not None:
-            raise failure
+        _settle(ranks, failure, f"{during}, loading")
+
+
+def _settle(ranks: Ranks | None, failure: BaseException | None, during: str) -> None:
+    """Raise ``failure``; with several ranks, first let every rank learn of any rank's."""
+    if ranks is not None:
+        ranks.vote(failure, during)
+    elif failure is not None:
+        raise failure
 
 
 def _prepare_optimizer(
