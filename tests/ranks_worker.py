@@ -309,10 +309,8 @@ def rank0_reads(run: Path, rank: int, world: int, result: dict[str, Any]) -> Non
     model on one rank, say): no other rank is involved, nothing waits for one."""
     model, optimizer, scheduler = build("plain")
     if rank == 0:
-        started = time.monotonic()
         points = SavePoints(run, readonly=True)
         points.restore(model=model, optimizer=optimizer, scheduler=scheduler)
-        result["seconds"] = time.monotonic() - started
         result["model"] = {f"model.{n}": _digest(t) for n, t in model.state_dict().items()}
     dist.barrier()
 
