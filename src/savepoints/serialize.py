@@ -300,6 +300,13 @@ def encode_tree(tree: Any, where: str) -> tuple[Any, dict[str, torch.Tensor]]:
     return enc(tree, ""), tensors
 
 
+def tensor_ref(node: Any) -> str | None:
+    """The tensor key a skeleton node refers to (from :func:`encode_tree`), else None."""
+    if isinstance(node, dict) and node.get(_TAG) == "tensor" and isinstance(node.get("key"), str):
+        return str(node["key"])
+    return None
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 

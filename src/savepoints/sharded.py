@@ -35,7 +35,13 @@ from savepoints.distributed import Ranks
 from savepoints.errors import InvalidArgumentError, StateMismatchError, UnserializableStateError
 from savepoints.layout import TRAINING_STATE_DIR
 from savepoints.manifest import ComponentInfo, Contents, ModelInfo
-from savepoints.serialize import DTYPE_FROM_NAME, component_path, decode_tree, encode_tree
+from savepoints.serialize import (
+    DTYPE_FROM_NAME,
+    component_path,
+    decode_tree,
+    encode_tree,
+    tensor_ref,
+)
 from savepoints.staging import FileRecorder
 from savepoints.training_state import (
     MAX_STATE_JSON_BYTES,
@@ -63,12 +69,6 @@ from savepoints.weights import (
 #: Optimizer state files are cut at this size at most, so a rank holds at most this much
 #: of gathered state while it writes one (and the work spreads over the ranks).
 OPTIMIZER_FILE_BYTES = 256 * 1024 * 1024
-TAG = "__sp__"
-
-
-def rank_dir(rank: int) -> str:
-    """Where one rank's own state lives in a save point."""
-    return f"{TRAINING_STATE_DIR}/rank-{rank}"
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
@@ -480,8 +480,8 @@ def prepare_named_optimizer(
         if not isinstance(entries, dict):
             continue
         for value in entries.values():
-            if isinstance(value, dict) and value.get(TAG) == "tensor":
-                key = value.get("key")
+            key = tensor_ref(value)
+            if key is not None:
                 if key not in where:
                     raise StateMismatchError("optimizer", folder, missing=[str(key)])
                 shape = where[key][1]
