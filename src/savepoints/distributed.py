@@ -257,7 +257,7 @@ class RankWriter:
         ranks: Ranks,
         *,
         keep_record: Callable[[], dict[str, Any]],
-        after_commit: Callable[[], None],
+        after_commit: Callable[[int], None],
     ) -> None:
         self.storage = storage
         self.ranks = ranks
@@ -337,7 +337,7 @@ class RankWriter:
         point = SavePoint(final, manifest)
         if ranks.is_main:
             log.info("savepoints: committed step %d from %d ranks at %s", step, ranks.world, final)
-            self._after_commit()
+            self._after_commit(step)
         return point
 
 

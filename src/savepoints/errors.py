@@ -111,7 +111,7 @@ class ReadOnlyRunError(SavePointsError, PermissionError):
 class SavePointNotFoundError(SavePointsError, LookupError):
     """No committed save point matches a step (or other selector)."""
 
-    def __init__(self, run: Path, selector: object, available: Sequence[int]) -> None:
+    def __init__(self, run: Path | str, selector: object, available: Sequence[int]) -> None:
         self.run = run
         self.selector = selector
         self.available = list(available)
@@ -242,7 +242,7 @@ class MetricNotFoundError(SavePointsError, LookupError):
 class UnsupportedFormatError(SavePointsError, ValueError):
     """A manifest was written by a newer savepoints, in a format this one cannot read."""
 
-    def __init__(self, path: Path, found: int, supported: int, writer: str) -> None:
+    def __init__(self, path: Path | str, found: int, supported: int, writer: str) -> None:
         self.path = path
         self.found = found
         self.supported = supported
@@ -256,7 +256,7 @@ class UnsupportedFormatError(SavePointsError, ValueError):
 class ManifestError(SavePointsError, ValueError):
     """A manifest (``savepoint.json``) is missing, unreadable or malformed."""
 
-    def __init__(self, path: Path, why: str) -> None:
+    def __init__(self, path: Path | str, why: str) -> None:
         self.path = path
         super().__init__(
             f"{path} is not a valid save point manifest: {why}.",
@@ -269,7 +269,7 @@ class CorruptSavePointError(SavePointsError, ValueError):
     """A save point failed verification: files missing, extra, truncated or altered."""
 
     def __init__(
-        self, path: Path, problems: Sequence[str], *, failed: str = "failed verification"
+        self, path: Path | str, problems: Sequence[str], *, failed: str = "failed verification"
     ) -> None:
         self.path = path
         self.problems = list(problems)
@@ -409,4 +409,60 @@ class RankFailedError(RanksError):
             "anything; earlier save points are intact and training can go on.",
             "Fix what the failing rank reports (its own traceback has the details), then "
             "call it again on every rank.",
+        )
+
+
+class RemoteError(SavePointsError, OSError):
+    """An object store (the ``remote=`` of a run, or a URL given to the CLI) failed."""
+
+    def __init__(self, url: str, message: str, hint: str = "") -> None:
+        self.url = url
+        super().__init__(
+            message,
+            hint
+            or "Check the URL, the network and the credentials; nothing saved locally "
+            "was changed, and a push that failed is tried again.",
+        )
+
+
+class RemoteAccessError(RemoteError, PermissionError):
+    """The object store refused us: no credentials, wrong ones, no such bucket, no right
+    to write. Raised when a run opens, not after the first epoch."""
+
+    def __init__(self, url: str, why: str) -> None:
+        super().__init__(
+            url,
+            f"Cannot use the remote {url}: {why}.",
+            "Set the credentials the usual way (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "AWS_ENDPOINT_URL for an S3-compatible endpoint and AWS_ALLOW_HTTP=true for a "
+            "plain-http one; GOOGLE_APPLICATION_CREDENTIALS; AZURE_STORAGE_*), or pass "
+            "storage_options={...}; check that the bucket exists.",
+        )
+
+
+class RemoteConflictError(RemoteError, FileExistsError):
+    """The remote already holds a different save point for this step."""
+
+    def __init__(self, url: str, step: int) -> None:
+        self.step = step
+        super().__init__(
+            url,
+            f"The remote {url} already holds a different save point for step {step} "
+            "(other files or bytes): it was left untouched, and so was the local one.",
+            f"Push to another URL, or delete step {step} there first "
+            f"(`savepoints rm {url} {step}`) if the remote one is not wanted.",
+        )
+
+
+class RemotePushError(RemoteError):
+    """Save points committed locally could not be pushed to the remote."""
+
+    def __init__(self, url: str, steps: Sequence[int], why: str) -> None:
+        self.steps = list(steps)
+        listed = ", ".join(str(s) for s in self.steps)
+        super().__init__(
+            url,
+            f"Step(s) {listed} are committed locally but not on the remote {url}: {why}.",
+            "They are safe on the local disk. Fix the cause, then push them with "
+            f"`savepoints push RUN {url}` (or call wait() again).",
         )

@@ -71,7 +71,8 @@ class Problem:
 class VerifyReport:
     """What :func:`savepoints.verify` found. Truthy when everything verified."""
 
-    path: Path
+    #: The save point folder or run checked (a URL string for a remote one).
+    path: Path | str
     problems: list[Problem] = field(default_factory=list)
     files_checked: int = 0
     bytes_checked: int = 0
@@ -89,7 +90,7 @@ class VerifyReport:
         out = list(self.problems)
         for child in self.children:
             out.extend(
-                Problem(p.kind, f"{child.path.name}/{p.path}", p.detail)
+                Problem(p.kind, f"{str(child.path).rsplit('/', 1)[-1]}/{p.path}", p.detail)
                 for p in child.all_problems()
             )
         return out

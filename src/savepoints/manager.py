@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -26,7 +27,9 @@ import torch
 from savepoints import keep as keep_mod
 from savepoints.distributed import Ranks, RankWriter, check_not_in_a_job
 from savepoints.errors import (
+    CorruptSavePointError,
     InvalidArgumentError,
+    ManifestError,
     MetricNotFoundError,
     NotARunError,
     ReadOnlyRunError,
@@ -43,6 +46,8 @@ from savepoints.savepoint import PendingSave, SavePoint
 from savepoints.serialize import check_json
 from savepoints.sharded import write_ranked
 from savepoints.storage import LocalStorage, Storage, Usage
+from savepoints.storage.remote import RemoteRun
+from savepoints.storage.tier import RemoteTier
 from savepoints.validate import (
     check_extra,
     check_files,
@@ -88,6 +93,19 @@ class SavePoints:
     a call made on one rank only ends in ``RanksTimeoutError`` instead of a hang. A run
     opened ``readonly=True`` is read by this process alone (nothing is collective); its
     ``restore()`` reads this rank's RNG (``RANK``).
+
+    **A remote tier** (``remote="s3://bucket/prefix/run"``, also ``gs://``, ``az://``,
+    ``file://`` or a folder; ``pip install 'savepoints[remote]'``): the local run stays as
+    it is, and every committed save point is pushed to the remote in the background
+    (blobs once, the manifest last with a create-only put). Credentials come from the
+    environment as usual (``AWS_*``...) or from ``storage_options``, and are checked when
+    the run opens. Save points only the remote holds are listed, and ``latest()``,
+    ``best()``, ``get()`` and ``restore()`` fetch them into the local folder, verifying
+    every byte: a new machine with an empty folder resumes where another stopped.
+    ``wait()`` and ``close()`` return once every committed save point is on the remote,
+    or raise :class:`~savepoints.errors.RemotePushError`; a failed push never stops
+    training (it is logged and tried again after the next save). ``Keep`` applies to the
+    remote too, and local retention never deletes what is not pushed yet.
     """
 
     def __init__(
@@ -102,6 +120,8 @@ class SavePoints:
         async_save: bool = False,
         if_busy: Literal["wait", "skip"] = "wait",
         timeout: float | None = None,
+        remote: str | os.PathLike[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if keep is not None and not isinstance(keep, Keep):
             raise InvalidArgumentError(
@@ -129,6 +149,8 @@ class SavePoints:
         self._storage: Storage = LocalStorage(self.path, dedup=dedup)
         self._writer: Writer | RankWriter | None = None
         self._closed = False
+        self._tier: RemoteTier | None = None
+        self._retention_lock = threading.Lock()
         # A run opened read-only is read by this process alone (to list it, or restore
         # into one rank's objects): only a writable run makes calls collective.
         self._ranks = None if readonly else Ranks.detect(timeout)
@@ -144,7 +166,9 @@ class SavePoints:
         if self.path.exists() and not self.path.is_dir():
             raise NotARunError(self.path, "it is a file, not a folder")
         if readonly:
-            if not self.path.is_dir():
+            if remote is not None:
+                self._tier = self._open_remote(remote, storage_options, writable=False)
+            elif not self.path.is_dir():
                 raise RunNotFoundError(self.path)
             return
         if self._ranks is not None:
@@ -152,6 +176,8 @@ class SavePoints:
             if self._ranks.is_main:  # rank 0 alone holds the lock and recovers the run
                 try:
                     self._storage.open_for_writing()
+                    if remote is not None:  # rank 0 alone pushes and pulls
+                        self._tier = self._open_remote(remote, storage_options, writable=True)
                 except BaseException as e:
                     failure = e
             self._ranks.vote(failure, f"opening the run {self.path}")
@@ -159,16 +185,42 @@ class SavePoints:
                 self._storage,
                 self._ranks,
                 keep_record=lambda: dataclasses.asdict(self.keep),
-                after_commit=self._apply_retention,
+                after_commit=self._committed,
             )
             return
         self._storage.open_for_writing()
+        if remote is not None:
+            try:
+                self._tier = self._open_remote(remote, storage_options, writable=True)
+            except BaseException:
+                self._storage.close()
+                raise
         self._writer = Writer(
             self._storage,
             async_save=async_save,
             keep_record=lambda: dataclasses.asdict(self.keep),
-            after_commit=self._apply_retention,
+            after_commit=self._committed,
         )
+
+    def _open_remote(
+        self, remote: str | os.PathLike[str], options: Mapping[str, Any] | None, *,
+        writable: bool,
+    ) -> RemoteTier:  # fmt: skip
+        local = self._storage
+        assert isinstance(local, LocalStorage)
+        tier = RemoteTier(
+            local, RemoteRun.open(remote, options, writable=writable),
+            keep=lambda: self.keep, after_push=self._apply_retention,
+        )  # fmt: skip
+        if writable:
+            tier.catch_up()  # what a previous process committed but did not push
+        return tier
+
+    def _committed(self, step: int) -> None:
+        """After each local commit (in the writing thread): retention, then the push."""
+        self._apply_retention()
+        if self._tier is not None:
+            self._tier.submit(step)
 
     # ---------------------------------------------------------------- context / lock
 
@@ -179,19 +231,39 @@ class SavePoints:
         self.close()
 
     def close(self) -> None:
-        """Finish the save in flight (raising its error, if it failed), then release the
-        run's write lock. Idempotent."""
+        """Finish the save in flight (raising its error, if it failed) and, with a remote,
+        the pushes (raising :class:`~savepoints.errors.RemotePushError` for what is still
+        only local); then release the run's write lock. Idempotent."""
         try:
             if self._writer is not None:
                 self._writer.close()
         finally:
-            self._storage.close()
-            self._closed = True
+            try:
+                if self._tier is not None and not self._closed:
+                    self._tier.close()
+            finally:
+                self._storage.close()
+                self._closed = True
 
-    def wait(self) -> SavePoint | None:
+    def wait(self, *, remote: bool = True) -> SavePoint | None:
         """Block until the asynchronous save in flight is committed, and return it (None
-        when nothing is in flight). A background failure is raised here, once."""
-        return None if self._writer is None else self._writer.wait()
+        when nothing is in flight). A background failure is raised here, once. With a
+        remote, also wait until every committed save point is pushed (``remote=False``:
+        don't), raising :class:`~savepoints.errors.RemotePushError` for what is not."""
+        point = None if self._writer is None else self._writer.wait()
+        if remote and self._tier is not None:
+            self._tier.settle()
+        return point
+
+    def wait_pushed(self, timeout: float | None = None) -> builtins.list[int]:
+        """Wait up to ``timeout`` seconds for the pushes in flight; return the steps that
+        are still only local (empty without a remote). Never raises for a failed push."""
+        return [] if self._tier is None else self._tier.wait(timeout)
+
+    @property
+    def remote(self) -> str | None:
+        """The URL of this run's remote tier (None: local only)."""
+        return None if self._tier is None else self._tier.url
 
     @property
     def busy(self) -> bool:
@@ -214,12 +286,46 @@ class SavePoints:
 
     def list(self) -> list[SavePoint]:
         """Committed save points, sorted by step. Folders without a valid manifest
-        (uncommitted, damaged, or of an unknown format) are left out."""
+        (uncommitted, damaged, or of an unknown format) are left out. With a remote, the
+        save points only it holds are listed too (their ``remote`` says so)."""
+        points = self._local_points()
+        if self._tier is not None:
+            here = {p.step for p in points}
+            points += [
+                SavePoint(self._storage.point_dir(step), manifest, remote=self._tier.url)
+                for step, manifest in self._tier.known.items() if step not in here
+            ]  # fmt: skip
+            points.sort(key=lambda p: p.step)
+        return points
+
+    def _local_points(self) -> builtins.list[SavePoint]:
         return [SavePoint(folder, manifest) for folder, manifest in self._storage.committed()]
 
     def latest(self) -> SavePoint | None:
+        """The newest save point (fetched from the remote when only it holds it; a remote
+        one that fails verification on download is skipped, with a warning)."""
         points = self.list()
-        return points[-1] if points else None
+        for point in reversed(points):
+            if point.remote is None:
+                return point
+            try:
+                return self._here(point)
+            except (CorruptSavePointError, ManifestError) as e:
+                warnings.warn(
+                    f"savepoints: the remote save point of step {point.step} failed "
+                    f"verification on download ({e.message}); trying the one before.",
+                    stacklevel=2,
+                )
+        return None
+
+    def _here(self, point: SavePoint) -> SavePoint:
+        """``point`` in the local folder: fetched from the remote when only it has it."""
+        if point.remote is None or self._tier is None:
+            return point
+        if self.readonly:
+            raise ReadOnlyRunError(self.path, f"fetch step {point.step} from {point.remote}")
+        folder, manifest = self._tier.pull(point.step)
+        return SavePoint(folder, manifest)
 
     def best(self, metric: str | None = None, mode: Mode | None = None) -> SavePoint | None:
         """The best save point by ``metric`` (default: the ``Keep``'s), or None if the
@@ -232,7 +338,7 @@ class SavePoints:
         if not ranked:
             raise MetricNotFoundError(self.path, metric, [m for p in points for m in p.metrics])
         step = ranked[0].step
-        return next(p for p in points if p.step == step)
+        return self._here(next(p for p in points if p.step == step))
 
     def _best_rule(
         self, points: builtins.list[SavePoint], metric: str | None, mode: Mode | None
@@ -262,7 +368,11 @@ class SavePoints:
 
     def get(self, step: int | str) -> SavePoint:
         """The committed save point of ``step``, or the one tagged ``step`` when it is a
-        name (``get("release-1")``); a clear error when there is none."""
+        name (``get("release-1")``); a clear error when there is none. A save point only
+        the remote holds is fetched."""
+        return self._here(self._find(step))
+
+    def _find(self, step: int | str) -> SavePoint:
         points = self.list()
         for p in points:
             if (p.step == step and not isinstance(step, str)) or (
@@ -270,7 +380,7 @@ class SavePoints:
             ):
                 return p
         if isinstance(step, str) and step.isdigit():
-            return self.get(int(step))
+            return self._find(int(step))
         raise SavePointNotFoundError(self.path, step, [p.step for p in points])
 
     def tag(self, step: int | str, name: str) -> SavePoint:
@@ -307,6 +417,8 @@ class SavePoints:
         # The manifest is replaced in one rename: readers see the old one or the new one.
         manifest = point.manifest.with_tags(tags)
         self._storage.rewrite_manifest(point.path, manifest)
+        if self._tier is not None:
+            self._tier.push_tags(point.step, tags)
         return SavePoint(point.path, manifest)
 
     def compact(self, step: int | str, *, expand: bool = False) -> SavePoint:
@@ -425,7 +537,16 @@ class SavePoints:
     def _apply_retention(self) -> None:
         if not self.keep.prunes:
             return
-        doomed = keep_mod.to_delete(_infos(self.list()), self.keep)
+        # Called by the save's thread and by the push thread: one pass at a time.
+        with self._retention_lock:
+            self._apply_retention_locally()
+
+    def _apply_retention_locally(self) -> None:
+        doomed = keep_mod.to_delete(_infos(self._local_points()), self.keep)
+        if self._tier is not None:
+            # What is not on the remote yet stays until it is (the push then runs this).
+            unpushed = self._tier.unpushed()
+            doomed = [step for step in doomed if step not in unpushed]
         for step in doomed:
             log.info("savepoints: retention deletes step %d of %s", step, self.path)
             try:
@@ -453,16 +574,19 @@ class SavePoints:
 
     def usage(self) -> Usage:
         """Logical vs physical bytes, each save point's unique bytes, garbage."""
-        return self._storage.usage([(p.step, p.path, p.manifest) for p in self.list()])
+        return self._storage.usage([(p.step, p.path, p.manifest) for p in self._local_points()])
 
     def delete(self, step: int | str) -> None:
-        """Delete one committed save point (atomically: it is gone or intact). Raises
-        when it cannot be deleted; nothing is changed then."""
+        """Delete one committed save point (atomically: it is gone or intact), here and
+        on the remote. Raises when it cannot be deleted; nothing is changed then."""
         self._check_writable("delete a save point")
-        point = self.get(step)
-        self._storage.delete(point.step)
-        log.info("savepoints: deleted step %d of %s", point.step, self.path)
-        self._storage.collect()
+        point = self._find(step)
+        if point.remote is None:
+            self._storage.delete(point.step)
+            log.info("savepoints: deleted step %d of %s", point.step, self.path)
+            self._storage.collect()
+        if self._tier is not None:
+            self._tier.delete(point.step)
 
     # ---------------------------------------------------------------- restoring
 

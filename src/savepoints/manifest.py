@@ -253,17 +253,29 @@ def read_manifest_bytes(path: Path) -> tuple[Manifest, bytes]:
         raise ManifestError(path, f"it is {size} bytes, over the {MAX_MANIFEST_BYTES} byte limit")
     try:
         raw = path.read_bytes()
+    except OSError as e:
+        raise ManifestError(path, f"cannot read it ({e.strerror})") from None
+    return decode_manifest(raw, path), raw
+
+
+def decode_manifest(raw: bytes, where: Path | str) -> Manifest:
+    """Parse and validate manifest bytes (read from a file, or fetched from a remote
+    ``where``); raise :class:`ManifestError` on anything off."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        why = f"it is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES} byte limit"
+        raise ManifestError(where, why)
+    try:
         data = json.loads(raw, parse_constant=_reject_constant)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ManifestError(path, f"it is not valid JSON ({type(e).__name__})") from None
-    return parse_manifest(data, path), raw
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ManifestError(where, f"it is not valid JSON ({type(e).__name__})") from None
+    return parse_manifest(data, where)
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
-def parse_manifest(data: Any, path: Path) -> Manifest:
+def parse_manifest(data: Any, path: Path | str) -> Manifest:
     def bad(why: str) -> ManifestError:
         return ManifestError(path, why)
 

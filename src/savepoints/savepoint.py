@@ -20,9 +20,14 @@ class SavePoint:
     Cheap to create; holds the parsed manifest, never the tensors.
     """
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
+    #: The run's remote URL when this save point is only there so far (``path`` is where
+    #: it will be once fetched: ``SavePoints.latest()``, ``get()``... fetch it).
+    remote: str | None = None
+
+    def __init__(self, path: Path, manifest: Manifest, *, remote: str | None = None) -> None:
         self.path = path
         self._manifest = manifest
+        self.remote = remote
 
     @property
     def manifest(self) -> Manifest:
@@ -80,7 +85,9 @@ class SavePoint:
         return verify_point(self.path)
 
     def __repr__(self) -> str:
-        return f"SavePoint(step={self.step}, path={str(self.path)!r}, metrics={self.metrics})"
+        where = f", remote={self.remote!r}" if self.remote else ""
+        path = str(self.path)
+        return f"SavePoint(step={self.step}, path={path!r}{where}, metrics={self.metrics})"
 
     def __eq__(self, other: object) -> bool:
         return (

@@ -101,7 +101,7 @@ class Writer:
         *,
         async_save: bool,
         keep_record: Callable[[], dict[str, Any]],
-        after_commit: Callable[[], None],
+        after_commit: Callable[[int], None],
     ) -> None:
         self.storage = storage
         self.async_save = async_save
@@ -176,7 +176,7 @@ class Writer:
                 "savepoints: committed step %d (%.1f MB in %.2f s) at %s",
                 step, point.size / 1e6, time.perf_counter() - started, staged.final,
             )  # fmt: skip
-            self._after_commit()
+            self._after_commit(step)
             return point
 
         if buffers is None:

@@ -147,6 +147,10 @@ class LocalStorage:
     def collect(self) -> tuple[int, int]:
         return self._blobs.collect()
 
+    def blob_path(self, digest: str) -> Path | None:
+        """The stored blob of ``digest`` (None when this run keeps no blobs)."""
+        return self._blobs.blob_path(digest) if self._blobs.linking else None
+
     def usage(self, points: Sequence[tuple[int, Path, Manifest]]) -> Usage:
         return usage(
             {step: folder for step, folder, _ in points},

@@ -1,0 +1,220 @@
+"""A local run with a remote tier: the local run stays what it is (atomic commits, dedup,
+async saves), each committed save point is pushed to the remote in the background, and
+save points only the remote holds are pulled into the local run when they are asked for.
+
+Pushes run in one background thread, in step order. A push that fails (after the
+client's own retries with backoff) never stops training: it is logged, the save point
+stays local and queued, and it is tried again after the next commit; ``wait()`` and
+``close()`` try once more and raise :class:`~savepoints.errors.RemotePushError` naming
+what is still only local. Local retention never deletes a save point that is not on the
+remote yet; retention on the remote applies the run's ``Keep`` to the remote save points
+(tags protect), deleting manifests first and collecting blobs past a grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+from savepoints import keep as keep_mod
+from savepoints.errors import RemotePushError, SavePointsError
+from savepoints.keep import Keep, PointInfo
+from savepoints.layout import MANIFEST_NAME
+from savepoints.manifest import Manifest, read_manifest
+from savepoints.storage.local import LocalStorage
+from savepoints.storage.remote import DEFAULT_GC_GRACE, PushReport, RemoteRun
+
+log = logging.getLogger("savepoints")
+
+
+class RemoteTier:
+    """Pushes a local run's save points to ``remote`` and pulls them back."""
+
+    def __init__(
+        self, local: LocalStorage, remote: RemoteRun, *, keep: Callable[[], Keep],
+        after_push: Callable[[], None] = lambda: None, gc_grace: timedelta = DEFAULT_GC_GRACE,
+    ) -> None:  # fmt: skip
+        self.local = local
+        self.remote = remote
+        self._keep = keep
+        self._after_push = after_push
+        self.gc_grace = gc_grace
+        #: The remote's save points as last seen (read when the run opens, then kept up
+        #: to date by our own pushes and deletions: one writer per run).
+        self.known: dict[int, Manifest] = remote.points()
+        #: What each push did, in order (for reports and benchmarks).
+        self.reports: list[PushReport] = []
+        self._unpushed: set[int] = set()
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._queued = 0
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        return self.remote.url
+
+    # ------------------------------------------------------------------ pushing
+
+    def catch_up(self) -> None:
+        """Queue the local save points newer than the remote's newest: those a process
+        that died (or lost the network) committed but did not push."""
+        newest = max(self.known, default=-1)
+        for _, manifest in self.local.committed():
+            if manifest.step > newest:
+                self.submit(manifest.step)
+
+    def submit(self, step: int) -> None:
+        """Queue the committed local save point ``step`` for pushing."""
+        with self._cond:
+            self._unpushed.add(step)
+            self._queued += 1
+            self._cond.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="savepoints-push", daemon=True
+                )
+                self._thread.start()
+
+    def unpushed(self) -> set[int]:
+        with self._cond:
+            return set(self._unpushed)
+
+    def wait(self, timeout: float | None = None) -> list[int]:
+        """Block until the queue is empty (or ``timeout`` seconds passed); returns the
+        steps that are still only local."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queued or self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(left)
+            return sorted(self._unpushed)
+
+    def settle(self) -> None:
+        """Wait for the pushes; retry what failed once; raise if anything is still only
+        local."""
+        if not self.wait():
+            return
+        self._push_pending()
+        left = sorted(self.unpushed())
+        if left:
+            why = str(self._error) if self._error is not None else "the push did not finish"
+            raise RemotePushError(self.url, left, why)
+
+    def close(self) -> None:
+        try:
+            self.settle()
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queued and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._queued:
+                    return
+                self._queued = 0
+                self._busy = True
+            try:
+                self._push_pending()
+            except BaseException as e:  # never let the thread die: say it, keep it for wait()
+                log.error("savepoints: pushing to %s failed: %s", self.url, e)
+                self._error = e
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _push_pending(self) -> None:
+        pushed = False
+        for step in sorted(self.unpushed()):
+            folder = self.local.point_dir(step)
+            try:
+                manifest = read_manifest(folder / MANIFEST_NAME)
+            except SavePointsError:
+                log.warning(
+                    "savepoints: step %d left %s before it was pushed to %s (deleted?); "
+                    "it is not pushed.", step, self.local.root, self.url,
+                )  # fmt: skip
+                self._done(step)
+                continue
+            try:
+                report = self.remote.push(folder, manifest)
+            except (SavePointsError, OSError) as e:
+                self._error = e
+                log.warning(
+                    "savepoints: could not push step %d to %s: %s. It is safe locally and "
+                    "is pushed again after the next save, or by wait()/close().",
+                    step, self.url, e,
+                )  # fmt: skip
+                break  # in step order: the newer ones wait for this one
+            self.reports.append(report)
+            self.known[step] = manifest
+            self._done(step)
+            pushed = True
+            log.info(
+                "savepoints: pushed step %d to %s (%.1f MB sent, %.1f MB already there, "
+                "%.2f s)", step, self.url, report.uploaded_bytes / 1e6,
+                report.skipped_bytes / 1e6, report.seconds,
+            )  # fmt: skip
+        if pushed:
+            self._error = None
+            self.apply_retention()
+            self._after_push()
+
+    def _done(self, step: int) -> None:
+        with self._cond:
+            self._unpushed.discard(step)
+
+    def push_tags(self, step: int, tags: tuple[str, ...]) -> None:
+        """Tags changed locally: change them on the remote now when the save point is
+        there (a save point still queued carries its tags with it)."""
+        if step in self.known and step not in self.unpushed():
+            self.remote.set_tags(step, tags)
+            self.known[step] = self.known[step].with_tags(tags)
+
+    # ------------------------------------------------------------------ remote side
+
+    def apply_retention(self) -> None:
+        keep = self._keep()
+        if not keep.prunes:
+            return
+        infos = [PointInfo(s, m.metrics, m.tags) for s, m in sorted(self.known.items())]
+        doomed = keep_mod.to_delete(infos, keep)
+        for step in doomed:
+            log.info("savepoints: retention deletes step %d of %s", step, self.url)
+            self.remote.delete(step)
+            self.known.pop(step, None)
+        if doomed:
+            self.remote.collect(self.gc_grace)
+
+    def delete(self, step: int) -> None:
+        if step in self.known:
+            self.remote.delete(step)
+            self.known.pop(step, None)
+
+    # ------------------------------------------------------------------ pulling
+
+    def pull(self, step: int) -> tuple[Path, Manifest]:
+        """Fetch the remote save point ``step`` into the local run (verifying every file
+        as it arrives; files the local blob store has are linked, not downloaded) and
+        commit it there like any save point."""
+        manifest = self.known.get(step)
+        if manifest is None:
+            manifest = self.remote.manifest(step)
+        with self.local.stage(step) as staged:
+            self.remote.fetch(manifest, staged.path, local_blob=self.local.blob_path)
+            self.local.commit(staged, manifest, replace=False)
+        log.info("savepoints: pulled step %d from %s", step, self.url)
+        return self.local.point_dir(step), manifest
