@@ -24,6 +24,13 @@ from savepoints.cli.output import (
     table,
     when,
 )
+from savepoints.cli.remote import (
+    is_remote,
+    remote_best,
+    remote_point,
+    remote_points,
+    remote_verify,
+)
 from savepoints.cli.resolve import KEYWORDS, is_point_folder, open_run, pick, resolve
 from savepoints.diff import ModelView, diff_models
 from savepoints.layout import parse_step
@@ -40,7 +47,7 @@ def _best_step(points: SavePoints, listed: list[SavePoint], metric: str | None) 
 def point_summary(sp: SavePoint, latest: bool = False, best: bool = False) -> dict[str, Any]:
     return {
         "step": sp.step,
-        "path": str(sp.path),
+        "path": f"{sp.remote}/points/{sp.path}" if sp.remote else str(sp.path),
         "created": sp.created.isoformat(),
         "metrics": sp.metrics,
         "tags": list(sp.tags),
@@ -52,15 +59,20 @@ def point_summary(sp: SavePoint, latest: bool = False, best: bool = False) -> di
 
 
 @click.command("list")
-@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("run", type=click.Path(path_type=str))
 @click.option("--metric", help="Metric that defines the best save point (default: the run's).")
 @json_option("Print JSON instead of a table.")
-def list_cmd(run: Path, metric: str | None, as_json: bool) -> None:
-    """List the committed save points of RUN: step, time, metrics, size, tags."""
-    points = open_run(run)
-    listed = points.list()
+def list_cmd(run: str, metric: str | None, as_json: bool) -> None:
+    """List the committed save points of RUN (a folder, or a remote URL such as
+    s3://bucket/prefix): step, time, metrics, size, tags."""
+    if is_remote(run):
+        _, listed = remote_points(run)
+        best = remote_best(listed, metric)
+    else:
+        points = open_run(Path(run))
+        listed = points.list()
+        best = _best_step(points, listed, metric)
     latest = listed[-1].step if listed else None
-    best = _best_step(points, listed, metric)
     if as_json:
         echo_json([point_summary(p, p.step == latest, p.step == best) for p in listed])
         return
@@ -76,7 +88,9 @@ def print_points_table(run: Path, metric: str | None = None) -> None:
     )
 
 
-def print_table(run: Path, listed: list[SavePoint], latest: int | None, best: int | None) -> None:
+def print_table(
+    run: Path | str, listed: list[SavePoint], latest: int | None, best: int | None
+) -> None:
     if not listed:
         console.print(f"No committed save points in {esc(str(run))}.")
         return
@@ -153,22 +167,23 @@ def describe_component(name: str, info: object) -> str:
 
 
 @click.command("show")
-@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("run", type=click.Path(path_type=str))
 @click.argument("step", required=False)
 @json_option("Print the manifest as JSON.")
-def show_cmd(run: Path, step: str | None, as_json: bool) -> None:
-    """Show one save point of RUN (default the latest; STEP may be a number, a tag,
-    'latest' or 'best'), or a save point FOLDER: files, sizes, metrics, state, versions."""
-    sp = resolve(run, step)
+def show_cmd(run: str, step: str | None, as_json: bool) -> None:
+    """Show one save point of RUN (a folder or a remote URL; default the latest; STEP may
+    be a number, a tag, 'latest' or 'best'), or a save point FOLDER: files, sizes,
+    metrics, state, versions."""
+    sp = remote_point(run, step) if is_remote(run) else resolve(Path(run), step)
     if as_json:
-        echo_json({"path": str(sp.path), **sp.manifest.to_json()})
+        echo_json({"path": point_summary(sp)["path"], **sp.manifest.to_json()})
         return
     m = sp.manifest
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
     head.add_row("save point", f"step {sp.step}")
-    head.add_row("path", esc(str(sp.path)))
+    head.add_row("path", esc(point_summary(sp)["path"]))
     head.add_row("created", when(sp.created))
     head.add_row("parent", "—" if sp.parent is None else f"step {sp.parent}")
     head.add_row("size", f"{human_bytes(sp.size)} in {len(m.files)} files")
@@ -207,29 +222,37 @@ def _report_json(r: VerifyReport) -> dict[str, Any]:
 
 
 @click.command("verify")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("target", metavar="PATH", type=click.Path(path_type=str))
 @click.argument("step", required=False)
 @json_option("Print the report as JSON.")
-def verify_cmd(path: Path, step: str | None, as_json: bool) -> None:
+def verify_cmd(target: str, step: str | None, as_json: bool) -> None:
     """Re-hash every file of a run's save points, of one of them (STEP: a number, a tag,
-    'latest' or 'best'), or of one save point FOLDER.
+    'latest' or 'best'), or of one save point FOLDER. PATH may be a remote URL
+    (s3://bucket/prefix...): its files are downloaded and hashed, nothing is written.
 
     Exit status 0 only when everything verifies, 3 when anything is missing, extra,
     truncated or altered.
     """
-    if step is not None:
-        path = resolve(path, step).path
-    # A folder named like a save point is verified as one even without its manifest:
-    # an uncommitted or damaged save point is what verify is there to report.
-    one_point = is_point_folder(path) or parse_step(path.name) is not None
-    with spinner(f"verifying {path} ..."):
-        report = verify(path)
+    if is_remote(target):
+        with spinner(f"downloading and verifying {target} ..."):
+            children = remote_verify(target, step)
+        report = VerifyReport(path=target, children=children)
+        one_point = False
+    else:
+        path = Path(target)
+        if step is not None:
+            path = resolve(path, step).path
+        # A folder named like a save point is verified as one even without its manifest:
+        # an uncommitted or damaged save point is what verify is there to report.
+        one_point = is_point_folder(path) or parse_step(path.name) is not None
+        with spinner(f"verifying {path} ..."):
+            report = verify(path)
     if as_json:
         echo_json(_report_json(report))
     else:
         reports = [report] if one_point else report.children
         if not reports:
-            console.print(f"No save point folders in {esc(str(path))}.")
+            console.print(f"No save point folders in {esc(target)}.")
         for r in reports:
             status = "[green]OK[/]" if r.ok else "[bold red]FAILED[/]"
             size = human_bytes(r.bytes_checked)

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from savepoints import errors
-from savepoints.cli import demo, inspect, manage, train, transfer
+from savepoints.cli import demo, inspect, manage, remote, train, transfer
 from savepoints.cli.output import err_console, print_error
 
 DEBUG_ENV = "SAVEPOINTS_DEBUG"
@@ -26,6 +26,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (errors.ManifestError, 3),
     (errors.UnsupportedFormatError, 4),  # written by a newer savepoints
     (errors.RunLockedError, 5),  # another process is writing the run
+    (errors.RemoteAccessError, 6),  # the object store refused us (credentials, bucket)
     (errors.RunNotFoundError, 2),  # what was named is not there
     (errors.SavePointNotFoundError, 2),
     (errors.SavePointGoneError, 2),
@@ -78,6 +79,8 @@ for command in (
     train.predict_cmd,
     transfer.export_cmd,
     transfer.import_cmd,
+    remote.push_cmd,
+    remote.pull_cmd,
     manage.tag_cmd,
     manage.untag_cmd,
     manage.rm_cmd,

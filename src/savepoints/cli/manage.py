@@ -3,13 +3,16 @@ commands that look after a run's versions and its disk."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import click
 
-from savepoints import InvalidArgumentError, SavePoint, SavePoints
+from savepoints import InvalidArgumentError, RunNotFoundError, SavePoint, SavePoints
 from savepoints.cli.output import console, done, echo_json, human_bytes, json_option, table
+from savepoints.cli.remote import is_remote, remote_pick, remote_points, remote_usage
 from savepoints.cli.resolve import open_run, pick
+from savepoints.storage.remote import DEFAULT_GC_GRACE, RemoteRun
 
 run_argument = click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
 steps_argument = click.argument("steps", nargs=-1, required=True)
@@ -50,13 +53,16 @@ def _pick_all(points: SavePoints, steps: tuple[str, ...]) -> list[SavePoint]:
 
 
 @click.command("rm")
-@run_argument
+@click.argument("run", type=click.Path(path_type=str))
 @steps_argument
 @click.option("--force", is_flag=True, help="Also remove tagged save points.")
-def rm_cmd(run: Path, steps: tuple[str, ...], force: bool) -> None:
-    """Delete save points STEPS (numbers, tags, 'latest' or 'best') of RUN. Each
-    disappears atomically; no other save point is affected."""
-    with open_run(run, write=True) as points:
+def rm_cmd(run: str, steps: tuple[str, ...], force: bool) -> None:
+    """Delete save points STEPS (numbers, tags, 'latest' or 'best') of RUN (a folder or
+    a remote URL). Each disappears atomically; no other save point is affected."""
+    if is_remote(run):
+        _rm_remote(run, steps, force)
+        return
+    with open_run(_existing_run(run), write=True) as points:
         targets = _pick_all(points, steps)
         tagged = [p for p in targets if p.tags]
         if tagged and not force:
@@ -71,20 +77,40 @@ def rm_cmd(run: Path, steps: tuple[str, ...], force: bool) -> None:
             done(f"deleted step {p.step}")
 
 
+def _rm_remote(url: str, steps: tuple[str, ...], force: bool) -> None:
+    remote, listed = remote_points(url)
+    known = {p.step: p.manifest for p in listed}
+    targets = sorted({remote_pick(remote.url, known, ref) for ref in steps})
+    tagged = [s for s in targets if known[s].tags]
+    if tagged and not force:
+        raise InvalidArgumentError(
+            "Step(s) " + ", ".join(f"{s} ({', '.join(known[s].tags)})" for s in tagged)
+            + " are tagged; nothing was deleted.",
+            "Untag them first, or pass --force.",
+        )  # fmt: skip
+    for step in targets:
+        remote.delete(step)
+        done(f"deleted step {step} of {remote.url} (its files go with `savepoints gc`)")
+
+
 @click.command("du")
-@run_argument
+@click.argument("run", type=click.Path(path_type=str))
 @json_option()
-def du_cmd(run: Path, as_json: bool) -> None:
-    """Disk usage of RUN: logical bytes (every save point as a full copy), physical bytes
-    (what is really on disk), each save point's unique bytes, and the dedup ratio."""
-    points = open_run(run)
-    u = points.usage()
+def du_cmd(run: str, as_json: bool) -> None:
+    """Disk usage of RUN (a folder or a remote URL): logical bytes (every save point as a
+    full copy), physical bytes (what is really stored), each save point's unique bytes,
+    and the dedup ratio."""
+    if is_remote(run):
+        u, sizes = remote_usage(run)
+    else:
+        points = open_run(_existing_run(run))
+        u = points.usage()
+        sizes = {p.step: p.size for p in points.list()}
     if as_json:
         echo_json({"logical": u.logical, "physical": u.physical, "ratio": u.ratio,
                    "garbage": u.garbage, "unique": u.unique})  # fmt: skip
         return
     t = table(f"{run}", ("step", "right"), ("size", "right"), ("unique", "right"))
-    sizes = {p.step: p.size for p in points.list()}
     for step, unique in sorted(u.unique.items()):
         t.add_row(str(step), human_bytes(sizes[step]), human_bytes(unique))
     console.print(t)
@@ -95,13 +121,28 @@ def du_cmd(run: Path, as_json: bool) -> None:
     )
 
 
+def _existing_run(run: str) -> Path:
+    path = Path(run)
+    if not path.is_dir():
+        raise RunNotFoundError(path)
+    return path
+
+
 @click.command("gc")
-@run_argument
-def gc_cmd(run: Path) -> None:
-    """Free stored file contents that no save point of RUN references any more.
-    Safe to interrupt: it only ever removes unreferenced data."""
-    with open_run(run, write=True) as points:
-        blobs, freed = points.gc()
+@click.argument("run", type=click.Path(path_type=str))
+@click.option(
+    "--grace", type=float, default=DEFAULT_GC_GRACE.total_seconds(), show_default=True,
+    help="Remote only: keep unreferenced files younger than this many seconds (a push "
+    "in flight uploads its files before its manifest).",
+)  # fmt: skip
+def gc_cmd(run: str, grace: float) -> None:
+    """Free stored file contents that no save point of RUN (a folder or a remote URL)
+    references any more. Safe to interrupt: it only ever removes unreferenced data."""
+    if is_remote(run):
+        blobs, freed = RemoteRun.open(run, writable=True).collect(timedelta(seconds=grace))
+    else:
+        with open_run(_existing_run(run), write=True) as points:
+            blobs, freed = points.gc()
     done(f"freed {human_bytes(freed)} in {blobs} unreferenced blob(s)")
 
 

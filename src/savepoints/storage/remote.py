@@ -94,6 +94,12 @@ def open_store(url: str, storage_options: Mapping[str, Any] | None = None) -> An
         raise MissingDependencyError("A remote run", "obstore", "remote") from None
     options = dict(storage_options or {})
     client = {k: options.pop(k) for k in list(options) if k in _CLIENT_KEYS}
+    if client and "allow_http" not in client and os.environ.get("AWS_ALLOW_HTTP"):
+        # Client options given here replace the environment's: keep its plain-http consent.
+        client["allow_http"] = os.environ["AWS_ALLOW_HTTP"].lower() in ("1", "true", "yes")
+    for key in ("connect_timeout", "pool_idle_timeout", "read_timeout", "timeout"):
+        if isinstance(client.get(key), (int, float)):  # seconds, as everywhere else here
+            client[key] = timedelta(seconds=client[key])
     retry: dict[str, Any] = {}
     if "max_retries" in options:
         retry["max_retries"] = int(options.pop("max_retries"))
@@ -278,7 +284,8 @@ class RemoteRun:
             tags = {str(k): int(v) for k, v in data["tags"].items()}
         except (ValueError, KeyError, TypeError, AttributeError):
             raise ManifestError(f"{self.url}/{TAGS}", "it is not a tags file") from None
-        return tags, {"e_tag": meta.get("e_tag"), "version": meta.get("version")}
+        version = {k: meta[k] for k in ("e_tag", "version") if meta.get(k) is not None}
+        return tags, version
 
     def set_tags(self, step: int, names: tuple[str, ...]) -> None:
         """Make ``names`` exactly the tags of ``step`` (a name moves from any other step),

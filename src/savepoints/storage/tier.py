@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from savepoints import keep as keep_mod
-from savepoints.errors import RemotePushError, SavePointsError
+from savepoints.errors import RemotePushError, SavePointNotFoundError, SavePointsError
 from savepoints.keep import Keep, PointInfo
 from savepoints.layout import MANIFEST_NAME
 from savepoints.manifest import Manifest, read_manifest
@@ -162,6 +163,7 @@ class RemoteTier:
             self.reports.append(report)
             self.known[step] = manifest
             self._done(step)
+            self._catch_up_tags(step, manifest)
             pushed = True
             log.info(
                 "savepoints: pushed step %d to %s (%.1f MB sent, %.1f MB already there, "
@@ -176,6 +178,17 @@ class RemoteTier:
     def _done(self, step: int) -> None:
         with self._cond:
             self._unpushed.discard(step)
+
+    def _catch_up_tags(self, step: int, pushed: Manifest) -> None:
+        """Tags changed while the push was in flight (push_tags saw it queued): the
+        local manifest has them now."""
+        try:
+            now = read_manifest(self.local.point_dir(step) / MANIFEST_NAME).tags
+        except SavePointsError:
+            return
+        if now != pushed.tags:
+            self.remote.set_tags(step, now)
+            self.known[step] = pushed.with_tags(now)
 
     def push_tags(self, step: int, tags: tuple[str, ...]) -> None:
         """Tags changed locally: change them on the remote now when the save point is
@@ -206,7 +219,9 @@ class RemoteTier:
 
     # ------------------------------------------------------------------ pulling
 
-    def pull(self, step: int) -> tuple[Path, Manifest]:
+    def pull(
+        self, step: int, *, progress: Callable[[int], None] | None = None
+    ) -> tuple[Path, Manifest]:
         """Fetch the remote save point ``step`` into the local run (verifying every file
         as it arrives; files the local blob store has are linked, not downloaded) and
         commit it there like any save point."""
@@ -214,7 +229,55 @@ class RemoteTier:
         if manifest is None:
             manifest = self.remote.manifest(step)
         with self.local.stage(step) as staged:
-            self.remote.fetch(manifest, staged.path, local_blob=self.local.blob_path)
+            self.remote.fetch(
+                manifest, staged.path, local_blob=self.local.blob_path, progress=progress
+            )
             self.local.commit(staged, manifest, replace=False)
         log.info("savepoints: pulled step %d from %s", step, self.url)
         return self.local.point_dir(step), manifest
+
+
+def push_run(
+    run: Path, url: str, steps: Sequence[int] | None = None, *,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[PushReport]:  # fmt: skip
+    """Push the committed save points of the local run ``run`` (all, or ``steps``) to
+    ``url``, in step order, each only once its files are all there. Reads the run
+    without its lock (a training process may be writing it)."""
+    local = LocalStorage(Path(run))
+    found = {m.step: (folder, m) for folder, m in local.committed()}
+    missing = [s for s in steps or () if s not in found]
+    if missing:
+        raise SavePointNotFoundError(Path(run), missing[0], sorted(found))
+    remote = RemoteRun.open(url, storage_options, writable=True)
+    chosen = sorted(found) if not steps else sorted(set(steps))
+    return [remote.push(*found[step], progress=progress) for step in chosen]
+
+
+def pull_run(
+    url: str, run: Path, steps: Sequence[int] | None = None, *,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[Path, Manifest]]:  # fmt: skip
+    """Fetch save points of ``url`` (all that the local run lacks, or ``steps``) into the
+    local run ``run`` (created if needed; its write lock is taken), verifying every file
+    as it arrives. Nothing is pushed."""
+    local = LocalStorage(Path(run))
+    local.open_for_writing()
+    try:
+        tier = RemoteTier(local, RemoteRun.open(url, storage_options), keep=Keep)
+        here = {m.step for _, m in local.committed()}
+        missing = [s for s in steps or () if s not in tier.known]
+        if missing:
+            raise SavePointNotFoundError(url, missing[0], sorted(tier.known))
+        chosen = sorted(set(steps)) if steps else sorted(set(tier.known) - here)
+        out = []
+        for step in chosen:
+            if step in here:
+                continue
+            folder, manifest = tier.pull(step, progress=progress)
+            out.append((folder, manifest))
+        return out
+    finally:
+        local.close()
