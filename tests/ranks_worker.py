@@ -140,7 +140,7 @@ def train_and_save(run: Path, rank: int, world: int, result: dict[str, Any]) -> 
     model, optimizer, scheduler = build(kind)
     seed(rank)
     losses = []
-    with SavePoints(run, timeout=TIMEOUT) as points:
+    with SavePoints(run, timeout=TIMEOUT, remote=os.environ.get("REMOTE")) as points:
         for step in range(1, STEPS + 1):
             losses.append(train_step(model, optimizer, scheduler))
             if step == SAVE_AT:
@@ -155,7 +155,7 @@ def resume(run: Path, rank: int, world: int, result: dict[str, Any]) -> None:
     kind = os.environ.get("MODEL_KIND", "fsdp")
     model, optimizer, scheduler = build(kind)
     seed(1000 + rank)  # whatever the fresh process drew: the restore must replace it
-    with SavePoints(run, timeout=TIMEOUT) as points:
+    with SavePoints(run, timeout=TIMEOUT, remote=os.environ.get("REMOTE")) as points:
         if os.environ.get("FORBID_PICKLE"):
             forbid_pickle()
         state = points.restore(model=model, optimizer=optimizer, scheduler=scheduler)

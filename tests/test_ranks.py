@@ -162,14 +162,17 @@ def test_restores_in_a_plain_process_and_loads_with_from_pretrained(saved: Any) 
     assert point.manifest.contents["model"]["tied"] == {"lm_head.weight": "transformer.wte.weight"}
 
 
-def test_ddp_resume_is_bit_exact(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    before = ok(launch("train_and_save", run, MODEL_KIND="ddp"))
+def test_ddp_resume_from_the_remote_on_an_empty_folder_is_bit_exact(tmp_path: Path) -> None:
+    run, remote = tmp_path / "run", (tmp_path / "remote").as_uri()
+    before = ok(launch("train_and_save", run, MODEL_KIND="ddp", REMOTE=remote))
     (point,) = SavePoints(run, readonly=True).list()
     files = point.manifest.contents["ranks"]["written"]
     weights = [f for r in files for f in r["files"] if f.startswith("model")]
     assert weights == ["model.safetensors"]  # DDP's replicated weights: written once
-    after = ok(launch("resume", run, MODEL_KIND="ddp", FORBID_PICKLE="1"))
+    # Rank 0 pushed it; another machine's ranks resume from the remote, exactly.
+    elsewhere = tmp_path / "elsewhere"
+    after = ok(launch("resume", elsewhere, MODEL_KIND="ddp", FORBID_PICKLE="1", REMOTE=remote))
+    assert [p.step for p in SavePoints(elsewhere, readonly=True).list()] == [point.step]
     for b, a in zip(before, after):
         assert a["restored"] == b["at_save"]
         assert a["losses"] == b["losses"]

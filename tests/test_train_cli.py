@@ -294,13 +294,18 @@ def test_ctrl_c_in_train_says_how_to_resume_and_resumes(tweets, tmp_path):
     assert again.returncode == 0 and f"step {latest}" in again.stdout
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize(
+    ("sig", "remote"),
+    [(signal.SIGTERM, False), (signal.SIGUSR1, True)],
+    ids=["SIGTERM", "SIGUSR1-remote-resumed-elsewhere"],
+)
 def test_preempted_train_saves_at_the_next_step_exits_75_and_resumes_bit_exact(
-    tweets, tmp_path, straight, sig
+    tweets, tmp_path, straight, sig, remote
 ):
     train, valid = tweets
+    pushed = ["--remote", (tmp_path / "bucket").as_uri()] if remote else []
     args = [sys.executable, "-m", "savepoints", "train", str(train), "--eval", str(valid),
-            "--run", str(tmp_path / "run"), *TRAIN]  # fmt: skip
+            "--run", str(tmp_path / "run"), *TRAIN, *pushed]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stderr is not None
     for line in proc.stdout:
@@ -314,13 +319,23 @@ def test_preempted_train_saves_at_the_next_step_exits_75_and_resumes_bit_exact(
         stopped = points.latest().step
         assert stopped > 5 and points.verify().ok
     assert f"emergency save point at step {stopped}" in err
-    again = sp(*args[3:])
+    assert "not pushed" not in err  # the emergency save point reached the remote in time
+    # With a remote, another machine (an empty run folder) resumes from it.
+    run = tmp_path / ("elsewhere" if remote else "run")
+    again = sp(*args[3:8], run, *args[9:])
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"Resuming from the save point at step {stopped}" in " ".join(again.stdout.split())
     # the emergency save point stays (it is the run's own history) unless retention drops it
-    with SavePoints(tmp_path / "run", readonly=True) as a, SavePoints(straight, readonly=True) as b:
+    with SavePoints(run, readonly=True) as a, SavePoints(straight, readonly=True) as b:
         assert stopped in [p.step for p in a.list()] or stopped % 5 == 0
         wa = load_file(a.latest().path / "model.safetensors")
         wb = load_file(b.latest().path / "model.safetensors")
         assert a.latest().step == b.latest().step and all(wa[k].equal(wb[k]) for k in wa)
-        assert a.best().metrics == b.best().metrics
+        if not remote:
+            assert a.best().metrics == b.best().metrics
+    if remote:
+        from savepoints.storage.remote import RemoteRun
+
+        # Everything both machines saved is on the remote, the best included.
+        steps = RemoteRun.open(pushed[1]).steps()
+        assert set(steps) >= {p.step for p in SavePoints(straight, readonly=True).list()}

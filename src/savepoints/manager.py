@@ -178,6 +178,11 @@ class SavePoints:
                     self._storage.open_for_writing()
                     if remote is not None:  # rank 0 alone pushes and pulls
                         self._tier = self._open_remote(remote, storage_options, writable=True)
+                        # The ranks resume from the shared run folder: the remote's newest
+                        # save point is fetched now, before any rank looks for it.
+                        newest = max(self._tier.known, default=-1)
+                        if newest > max((p.step for p in self._local_points()), default=-1):
+                            self.latest()
                 except BaseException as e:
                     failure = e
             self._ranks.vote(failure, f"opening the run {self.path}")

@@ -261,16 +261,27 @@ class Preemption:
         """Wait for ``points``' saves in flight (the deadline still applies), then leave
         with ``exit_code`` by raising SystemExit, so ``with`` blocks close cleanly."""
         what = self.received.name if self.received else "a preemption request"
+        unpushed: list[int] = []
         if points is not None:
-            last = points.wait() or points.latest()
+            # The emergency save point is committed locally first; then it is pushed to
+            # the run's remote (if any) within what is left of the deadline.
+            last = points.wait(remote=False) or points.latest()
             if step is None and last is not None:
                 step = last.step
+            if getattr(points, "remote", None):
+                unpushed = points.wait_pushed(self.remaining)
             ranks = getattr(points, "ranks", None)
             if ranks is None or ranks.is_main:
                 self._leave_mark(points.path, step, _request or what)
         self._cancel_watchdog()
         self._exiting = True
         where = f" at step {step}" if step is not None else ""
+        if unpushed:
+            _say(
+                f"step(s) {', '.join(map(str, unpushed))} committed in {points.path} but not "
+                f"pushed to {points.remote} before the deadline: they are pushed when the "
+                f"run resumes here, or with `savepoints push {points.path} {points.remote}`."
+            )
         _say(
             f"stopped on {what} after an emergency save point{where}; exit code "
             f"{self.exit_code}. Run the same command again to resume."

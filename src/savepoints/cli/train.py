@@ -70,6 +70,12 @@ def need_transformers(command: str) -> None:
 @click.option("--max-train-examples", type=int)
 @click.option("--max-eval-examples", type=int)
 @click.option(
+    "--remote",
+    help="Push every save point to this URL too (s3://bucket/prefix, gs://, az://, "
+    "file://); an empty --run folder resumes from it. Credentials: the usual AWS_* "
+    "(or GOOGLE_*, AZURE_*) variables.",
+)
+@click.option(
     "--preemption-deadline",
     type=click.FloatRange(min=0, min_open=True),
     default=DEFAULT_DEADLINE,
@@ -77,7 +83,9 @@ def need_transformers(command: str) -> None:
     help="Seconds after SIGTERM/SIGUSR1 within which the emergency save point must be "
     "committed (set it below your scheduler's grace period).",
 )
-def train_cmd(data: Path, run: Path, preemption_deadline: float, **options: Any) -> None:
+def train_cmd(
+    data: Path, run: Path, remote: str | None, preemption_deadline: float, **options: Any
+) -> None:
     """Fine-tune a text classifier on DATA (CSV or JSONL of text and label) with save points.
 
     Run the same command again after any interruption (Ctrl-C, SIGTERM, SIGKILL): it
@@ -102,12 +110,14 @@ def train_cmd(data: Path, run: Path, preemption_deadline: float, **options: Any)
     # Under torchrun / accelerate launch every rank runs this; rank 0 alone talks.
     main = os.environ.get("RANK", "0") == "0"
     try:
-        finetune(
+        points = finetune(
             cfg,
             on_event=event if main else lambda _: None,
             callbacks=[_progress_callback()] if main else [],
             preemption=Preemption(deadline=preemption_deadline),
+            remote=remote,
         )
+        points.close()  # with a remote: returns once every save point is there
     except KeyboardInterrupt:
         latest = open_run(run).latest() if run.is_dir() else None
         where = f"step {latest.step}" if latest else "the start (nothing was committed yet)"

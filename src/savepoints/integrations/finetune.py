@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -465,11 +465,15 @@ def finetune(
     on_event: Callable[[str], None] = print,
     callbacks: Sequence[Any] = (),
     preemption: Any = True,
+    remote: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> SavePoints:
     """Train (or resume) and return the run. Safe to call again after any interruption.
 
     ``preemption``: what SavePointsCallback does on SIGTERM/SIGUSR1 (by default: an
-    emergency save point at the next step, then exit code 75)."""
+    emergency save point at the next step, then exit code 75). ``remote``: a URL
+    (``s3://bucket/prefix``...) every save point is pushed to, and resumed from when the
+    run folder is empty (a new machine)."""
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -508,13 +512,17 @@ def finetune(
         disable_tqdm=bool(callbacks),  # the caller shows its own progress
     )
     keep = Keep(last=cfg.keep_last, best=cfg.keep_best, metric=metric, mode="max")
-    points = SavePoints(cfg.run, keep=keep)
+    # With a remote, an empty run folder resumes from the remote's latest save point.
+    points = SavePoints(cfg.run, keep=keep, remote=remote, storage_options=storage_options)
     latest = points.latest()
     if latest is not None:
         # Rebuild from the save point itself: the same config and tokenizer, whatever the
         # command line builds; the Trainer then restores weights and training state.
         saved = latest.state.get("finetune", {})
-        changed = {k: (saved[k], v) for k, v in asdict(cfg).items() if k in saved and saved[k] != v}
+        # Where the run lives is not a setting: a run resumed on another machine from
+        # its remote sits in another folder.
+        changed = {k: (saved[k], v) for k, v in asdict(cfg).items()
+                   if k in saved and saved[k] != v and k != "run"}  # fmt: skip
         if changed:
             raise InvalidArgumentError(
                 f"Run {cfg.run} was started with other settings: "

@@ -181,7 +181,9 @@ class SavePointsCallback(TrainerCallback):
         original_load_best = trainer._load_best_model
 
         def load_best_model() -> Any:
-            self.points.wait()  # the best save point may still be on its way to disk
+            # The best save point may still be on its way to disk (not to the remote:
+            # a push that fails must not stop the end of training).
+            self.points.wait(remote=False)
             return original_load_best()
 
         trainer._load_best_model = load_best_model
@@ -253,7 +255,7 @@ class SavePointsCallback(TrainerCallback):
             self.preemption.exit(self.points, step=state.global_step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.points.wait()
+        self.points.wait()  # with a remote: until every save point is there too
         if self.preemption is not None:
             self.preemption.uninstall()
 
