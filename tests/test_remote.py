@@ -446,3 +446,34 @@ def test_a_remote_needs_obstore_and_says_how_to_install_it(
     monkeypatch.setattr(builtins, "__import__", no_obstore)
     with warnings.catch_warnings(), pytest.raises(ImportError, match=r"savepoints\[remote\]"):
         SavePoints(tmp_path / "run", remote="s3://bucket/x")
+
+
+def test_the_readme_remote_example_trains_pushes_and_resumes_on_an_empty_folder(
+    tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_readme import python_blocks
+
+    _s3_env(monkeypatch, s3_endpoint)
+    urllib.request.urlopen(urllib.request.Request(f"{s3_endpoint}/my-bucket", method="PUT"))
+    code = python_blocks()["Remote runs"]
+
+    def train_one_step(model, optimizer) -> None:
+        train_steps(model, optimizer, steps=1)
+
+    trained = _model()
+    (tmp_path / "first-machine").mkdir()
+    monkeypatch.chdir(tmp_path / "first-machine")
+    names = {"model": trained, "optimizer": torch.optim.AdamW(trained.parameters()),
+             "train_one_step": train_one_step}  # fmt: skip
+    exec(compile(code, "README.md", "exec"), names)
+    remote = RemoteRun.open("s3://my-bucket/runs/tweets")
+    assert remote.steps() == [60, 80, 100]  # Keep(last=3), on the remote too
+    # Another machine: an empty folder resumes from step 100 and has nothing left to do.
+    (tmp_path / "second-machine").mkdir()
+    monkeypatch.chdir(tmp_path / "second-machine")
+    fresh = _model(seed=1)
+    names = {"model": fresh, "optimizer": torch.optim.AdamW(fresh.parameters()),
+             "train_one_step": train_one_step}  # fmt: skip
+    exec(compile(code, "README.md", "exec"), names)
+    assert names["state"] == {"step": 100}
+    assert same_weights(fresh, trained)
