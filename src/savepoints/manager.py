@@ -180,7 +180,7 @@ class SavePoints:
                         self._tier = self._open_remote(remote, storage_options, writable=True)
                         # The ranks resume from the shared run folder: the remote's newest
                         # save point is fetched now, before any rank looks for it.
-                        newest = max(self._tier.known, default=-1)
+                        newest = max(self._tier.remote_points(), default=-1)
                         if newest > max((p.step for p in self._local_points()), default=-1):
                             self.latest()
                 except BaseException as e:
@@ -298,7 +298,7 @@ class SavePoints:
             here = {p.step for p in points}
             points += [
                 SavePoint(self._storage.point_dir(step), manifest, remote=self._tier.url)
-                for step, manifest in self._tier.known.items() if step not in here
+                for step, manifest in self._tier.remote_points().items() if step not in here
             ]  # fmt: skip
             points.sort(key=lambda p: p.step)
         return points

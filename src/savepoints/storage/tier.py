@@ -61,6 +61,11 @@ class RemoteTier:
     def url(self) -> str:
         return self.remote.url
 
+    def remote_points(self) -> dict[int, Manifest]:
+        """A copy of :attr:`known`: the push thread changes it while others read."""
+        with self._cond:
+            return dict(self.known)
+
     # ------------------------------------------------------------------ pushing
 
     def catch_up(self) -> None:
@@ -161,7 +166,8 @@ class RemoteTier:
                 )  # fmt: skip
                 break  # in step order: the newer ones wait for this one
             self.reports.append(report)
-            self.known[step] = manifest
+            with self._cond:
+                self.known[step] = manifest
             self._done(step)
             self._catch_up_tags(step, manifest)
             pushed = True
@@ -188,14 +194,16 @@ class RemoteTier:
             return
         if now != pushed.tags:
             self.remote.set_tags(step, now)
-            self.known[step] = pushed.with_tags(now)
+            with self._cond:
+                self.known[step] = pushed.with_tags(now)
 
     def push_tags(self, step: int, tags: tuple[str, ...]) -> None:
         """Tags changed locally: change them on the remote now when the save point is
         there (a save point still queued carries its tags with it)."""
         if step in self.known and step not in self.unpushed():
             self.remote.set_tags(step, tags)
-            self.known[step] = self.known[step].with_tags(tags)
+            with self._cond:
+                self.known[step] = self.known[step].with_tags(tags)
 
     # ------------------------------------------------------------------ remote side
 
@@ -203,19 +211,22 @@ class RemoteTier:
         keep = self._keep()
         if not keep.prunes:
             return
-        infos = [PointInfo(s, m.metrics, m.tags) for s, m in sorted(self.known.items())]
+        known = self.remote_points()
+        infos = [PointInfo(s, m.metrics, m.tags) for s, m in sorted(known.items())]
         doomed = keep_mod.to_delete(infos, keep)
         for step in doomed:
             log.info("savepoints: retention deletes step %d of %s", step, self.url)
             self.remote.delete(step)
-            self.known.pop(step, None)
+            with self._cond:
+                self.known.pop(step, None)
         if doomed:
             self.remote.collect(self.gc_grace)
 
     def delete(self, step: int) -> None:
         if step in self.known:
             self.remote.delete(step)
-            self.known.pop(step, None)
+            with self._cond:
+                self.known.pop(step, None)
 
     # ------------------------------------------------------------------ pulling
 
