@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -290,6 +291,37 @@ def test_bad_remotes_fail_when_the_run_opens_not_after_the_first_epoch(
     with pytest.raises(RemoteError, match="listing"):
         SavePoints(tmp_path / "run", remote="s3://bucket/x",
                    storage_options={"max_retries": 0, "retry_timeout": 1})  # fmt: skip
+
+
+def test_wrong_credentials_are_refused_when_the_run_opens_with_the_stores_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # moto checks credentials only when told to: its own process, authentication on.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        _s3_env(monkeypatch, f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONG")
+        with pytest.raises(RemoteAccessError, match="InvalidAccessKeyId") as caught:
+            SavePoints(tmp_path / "run", remote="s3://bucket/run")
+        assert "AWS_ACCESS_KEY_ID" in caught.value.hint
+        assert not (tmp_path / "run" / "step-00000001").exists()
+        SavePoints(tmp_path / "run").close()  # the local run was not left locked
+    finally:
+        server.terminate()
+        server.wait()
 
 
 def test_a_push_that_fails_never_stops_training_and_is_retried_after_the_next_save(

@@ -69,6 +69,7 @@ DEFAULT_GC_GRACE = timedelta(hours=1)
 _TRANSFERS = 8  # files uploaded or downloaded at once
 _CHUNK = 8 * 1024 * 1024
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_XML_CODE = re.compile(r"<Code>([^<]*)</Code>\s*<Message>([^<]*)</Message>")
 
 # storage_options keys that belong to obstore's HTTP client or its retry policy; every
 # other key is the store's own configuration (S3: "endpoint", "region", ...).
@@ -179,6 +180,9 @@ class RemoteRun:
         import obstore.exceptions as ox
 
         text = str(e).split("\n", 1)[0]
+        said = _XML_CODE.search(str(e))  # the store's own words: <Code> and <Message>
+        if said is not None:
+            text = f"{said.group(1)}: {said.group(2)}"
         if isinstance(e, (ox.UnauthenticatedError, ox.PermissionDeniedError)):
             return RemoteAccessError(self.url, f"{doing} was refused ({text})")
         if "NoSuchBucket" in str(e):
