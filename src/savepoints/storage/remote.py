@@ -487,22 +487,25 @@ class RemoteRun:
     def delete(self, step: int) -> None:
         """Remove a save point: its manifest goes, so it is gone at once; its blobs are
         freed by :meth:`collect` later."""
-        import obstore as obs
-
         tags = [t for t, s in self.tags().items() if s == step]
-        try:
-            obs.delete(self.store, manifest_key(step))
-        except FileNotFoundError:
-            pass
-        except Exception as e:
-            raise self._fail(e, f"deleting step {step}") from None
+        self._delete(manifest_key(step), f"deleting step {step}")
         if tags:
             self.set_tags(step, ())
 
-    def collect(self, grace: timedelta = DEFAULT_GC_GRACE) -> tuple[int, int]:
-        """Delete blobs no manifest lists and older than ``grace``: (blobs, bytes)."""
+    def _delete(self, key: str, doing: str) -> bool:
+        """Delete one object; False when it was not there."""
         import obstore as obs
 
+        try:
+            obs.delete(self.store, key)
+        except FileNotFoundError:
+            return False
+        except Exception as e:
+            raise self._fail(e, doing) from None
+        return True
+
+    def collect(self, grace: timedelta = DEFAULT_GC_GRACE) -> tuple[int, int]:
+        """Delete blobs no manifest lists and older than ``grace``: (blobs, bytes)."""
         # Blobs first, then manifests: a blob uploaded after this LIST is not a candidate,
         # and a manifest written before the deletions is seen.
         blobs = self.blobs()
@@ -512,14 +515,9 @@ class RemoteRun:
         for digest, (size, modified) in blobs.items():
             if digest in used or modified > cutoff:
                 continue
-            try:
-                obs.delete(self.store, blob_key(digest))
-            except FileNotFoundError:
-                continue
-            except Exception as e:
-                raise self._fail(e, f"deleting blob {digest[:12]}") from None
-            removed += 1
-            freed += size
+            if self._delete(blob_key(digest), f"deleting blob {digest[:12]}"):
+                removed += 1
+                freed += size
         return removed, freed
 
     # ------------------------------------------------------------------ reports
