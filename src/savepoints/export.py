@@ -65,23 +65,9 @@ def export(
             f"Export target {out} already exists and is not empty; nothing was written.",
             "Pick a new folder, or remove the old one first.",
         )
-    if "model" not in point.contents:
-        raise InvalidArgumentError(
-            f"Save point {point.path} holds no model to export.",
-            "Export a save point saved with model=...",
-        )
-    require_plain(point.path, point.manifest, "export")
+    check_shippable(point, "export")
     if verify:
         point.verify().raise_if_failed()
-    unsafe = [rel for rel in point.manifest.files if rel.lower().endswith(NEVER_EXPORTED)]
-    if unsafe:
-        # savepoints never writes these: a save point holding them was made by someone
-        # else, and shipping a pickle would hand its code to whoever loads the bundle.
-        raise CorruptSavePointError(
-            point.path,
-            [f"{rel}: a pickle or code file, which savepoints never writes" for rel in unsafe],
-            failed="is not safe to export",
-        )
     with atomic.stage_beside(out).begin() as staged:
         rec = FileRecorder(staged.path)
         with reading(point.path):
@@ -98,15 +84,44 @@ def export(
 NEVER_EXPORTED = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".py")
 
 
+def check_shippable(point: SavePoint, action: str) -> None:
+    """Refuse, clearly, to ship ``point`` (``action``: "export", "publish"): it must hold a
+    model, be plain (not compacted), and hold no pickle or code file."""
+    if "model" not in point.contents:
+        raise InvalidArgumentError(
+            f"Save point {point.path} holds no model to {action}.",
+            f"{action.capitalize()} a save point saved with model=...",
+        )
+    require_plain(point.path, point.manifest, action)
+    unsafe = [rel for rel in point.manifest.files if rel.lower().endswith(NEVER_EXPORTED)]
+    if unsafe:
+        # savepoints never writes these: a save point holding them was made by someone
+        # else, and shipping a pickle would hand its code to whoever loads the bundle.
+        raise CorruptSavePointError(
+            point.path,
+            [f"{rel}: a pickle or code file, which savepoints never writes" for rel in unsafe],
+            failed=f"is not safe to {action}",
+        )
+
+
+def deployable_files(point: SavePoint, *, keep_trainer_state: bool = False) -> list[str]:
+    """The files of ``point`` that a deployment bundle holds, sorted: the model folder
+    (weights, config, tokenizer, files saved beside them), never the training state nor
+    the manifest (``trainer_state.json`` too with ``keep_trainer_state``)."""
+    return [
+        rel for rel in sorted(point.manifest.files)
+        if not rel.startswith(f"{TRAINING_STATE_DIR}/")
+        and (rel not in _TRAINING_ONLY or (keep_trainer_state and rel == "trainer_state.json"))
+    ]  # fmt: skip
+
+
 def _copy_model_folder(
     point: SavePoint, rec: FileRecorder, dtype: str | None, keep_trainer_state: bool
 ) -> None:
     model_info = point.contents["model"]
     weight_files = set(model_info.get("files", []))
-    for rel in sorted(point.manifest.files):
-        if rel.startswith(f"{TRAINING_STATE_DIR}/") or rel in weight_files:
-            continue
-        if rel in _TRAINING_ONLY and not (keep_trainer_state and rel == "trainer_state.json"):
+    for rel in deployable_files(point, keep_trainer_state=keep_trainer_state):
+        if rel in weight_files:
             continue
         if rel == "config.json" and dtype is not None:
             config = json.loads(component_path(point.path, rel).read_bytes())
@@ -177,8 +192,11 @@ def by_position(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def model_card(point: SavePoint, dtype: str | None) -> str:
-    """README.md for the export: what it is, how well it did, where it came from."""
+def model_card(
+    point: SavePoint, dtype: str | None, *, location: str = "PATH/TO/THIS/FOLDER"
+) -> str:
+    """README.md for an export or a publication: what it is, how well it did, where it
+    came from; ``location`` is what the usage example loads (a folder, a Hub repo id)."""
     config = read_json_object(point.path / "config.json") or {}
     arch = (config.get("architectures") or [point.contents["model"].get("class", "model")])[0]
     labels: Mapping[str, str] = config.get("id2label") or {}
@@ -208,6 +226,7 @@ def model_card(point: SavePoint, dtype: str | None) -> str:
     lines += ["## Lineage", "",
               f"- run: `{run}`", f"- step: {point.step}",
               f"- parent save point: {point.parent if point.parent is not None else '—'}",
+              f"- tags: {', '.join(point.tags) if point.tags else '—'}",
               f"- saved: {point.created.isoformat(timespec='seconds')}",
               f"- weights dtype: {dtype or config.get('dtype', config.get('torch_dtype'))}",
               ]  # fmt: skip
@@ -217,10 +236,10 @@ def model_card(point: SavePoint, dtype: str | None) -> str:
     lines += ["", "## Use", "", "```python"]
     if is_classifier:
         lines += ["from transformers import pipeline", "",
-                  'classify = pipeline("text-classification", model="PATH/TO/THIS/FOLDER")',
+                  f'classify = pipeline("text-classification", model="{location}")',
                   'classify("I love this!")']  # fmt: skip
     else:
         lines += ["from transformers import AutoModel", "",
-                  'model = AutoModel.from_pretrained("PATH/TO/THIS/FOLDER")']  # fmt: skip
+                  f'model = AutoModel.from_pretrained("{location}")']  # fmt: skip
     lines += ["```", ""]
     return "\n".join(lines)
