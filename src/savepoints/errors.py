@@ -466,3 +466,123 @@ class RemotePushError(RemoteError):
             "They are safe on the local disk. Fix the cause, then push them with "
             f"`savepoints push RUN {url}` (or call wait() again).",
         )
+
+
+class ToolNotFoundError(SavePointsError, FileNotFoundError):
+    """A program that a feature runs (``git``, ``git-lfs``) is not installed, or not on
+    ``PATH``."""
+
+    def __init__(self, tool: str, feature: str, install: str) -> None:
+        self.tool = tool
+        self.feature = feature
+        super().__init__(
+            f"{feature} needs the program {tool!r}, which is not installed (or not on PATH).",
+            install,
+        )
+
+
+class PublishError(SavePointsError, OSError):
+    """Publishing save points to a git repository or the Hugging Face Hub failed; what
+    the destination held before is unchanged unless the message says otherwise."""
+
+    def __init__(self, dest: str, message: str, hint: str = "") -> None:
+        self.dest = dest
+        super().__init__(
+            message,
+            hint
+            or "Check the destination (its URL or path, your rights to write there, the "
+            "network); nothing in the run was changed.",
+        )
+
+
+class NotAGitRepositoryError(PublishError, NotADirectoryError):
+    """A publishing destination that is neither a git repository, a new or empty folder,
+    nor a reachable repository URL."""
+
+    def __init__(self, dest: str, why: str) -> None:
+        super().__init__(
+            dest,
+            f"Cannot publish to {dest}: {why}.",
+            "Pass a new or empty folder (a repository is created there), the top folder "
+            "of a git repository, or the URL of an existing repository (file:///srv/m.git, "
+            "https://..., git@host:m.git; create a bare one with `git init --bare PATH`).",
+        )
+
+
+class DirtyWorkingTreeError(PublishError):
+    """The local repository to publish into has uncommitted changes, which checking out
+    the published files would mix with or overwrite."""
+
+    def __init__(self, dest: str, changes: Sequence[str]) -> None:
+        self.changes = list(changes)
+        shown = ", ".join(self.changes[:5]) + (
+            f" and {len(self.changes) - 5} more" if len(self.changes) > 5 else ""
+        )
+        super().__init__(
+            dest,
+            f"The git repository {dest} has uncommitted changes ({shown}); publishing "
+            "checks out new files there, so nothing was published.",
+            f"Commit or stash them first (git -C {dest} stash --include-untracked), or "
+            "publish into another folder.",
+        )
+
+
+class PublishedTagConflictError(PublishError, FileExistsError):
+    """A tag at the destination already names other content than the save point that
+    would be published under it."""
+
+    def __init__(self, dest: str, tag: str, step: int, differing: Sequence[str]) -> None:
+        self.tag = tag
+        self.step = step
+        self.differing = list(differing)
+        shown = ", ".join(self.differing[:5]) + (
+            f" and {len(self.differing) - 5} more" if len(self.differing) > 5 else ""
+        )
+        super().__init__(
+            dest,
+            f"Tag {tag!r} in {dest} already names other content than step {step} (files "
+            f"that differ: {shown}); nothing was published for step {step}.",
+            "Publish to another destination, without the save point's own tags "
+            "(--no-own-tags), or delete that tag there first if it is wrong "
+            f"(git push DEST :refs/tags/{tag}; on the Hub: hf repos tag delete REPO {tag}).",
+        )
+
+
+class DestinationMovedError(PublishError):
+    """Another publisher changed the destination between our read of it and our write."""
+
+    def __init__(self, dest: str, what: str) -> None:
+        self.what = what
+        super().__init__(
+            dest,
+            f"{dest} changed while publishing ({what}: another publisher?); nothing of "
+            "this publication was kept there.",
+            "Run the same command again: it starts from the new head, and save points "
+            "already published are skipped.",
+        )
+
+
+class NothingToPublishError(InvalidArgumentError):
+    """No save point was given to publish."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"Nothing to publish: {what}.",
+            "Name save points (steps, tags, latest, best), or --all; `savepoints list RUN` "
+            "shows them.",
+        )
+
+
+class HubError(PublishError):
+    """The Hugging Face Hub refused a request, or could not be reached."""
+
+    def __init__(self, repo_id: str, why: str) -> None:
+        self.repo_id = repo_id
+        super().__init__(
+            repo_id,
+            f"Publishing to {repo_id} on the Hugging Face Hub failed: {why}.",
+            "Log in with a token that may write there (`hf auth login`, formerly "
+            "`huggingface-cli login`; or set HF_TOKEN), "
+            "check the repository id (USER/NAME or ORG/NAME) and the network; nothing in "
+            "the run was changed.",
+        )

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from savepoints import errors
-from savepoints.cli import demo, inspect, manage, remote, train, transfer
+from savepoints.cli import demo, inspect, manage, publish, remote, train, transfer
 from savepoints.cli.output import err_console, print_error
 
 DEBUG_ENV = "SAVEPOINTS_DEBUG"
@@ -79,6 +79,7 @@ for command in (
     train.predict_cmd,
     transfer.export_cmd,
     transfer.import_cmd,
+    publish.publish_cmd,
     remote.push_cmd,
     remote.pull_cmd,
     manage.tag_cmd,
