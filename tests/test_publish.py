@@ -334,6 +334,8 @@ def test_the_cli_publishes_reports_and_maps_errors_to_exit_codes(run, tmp_path):
     ]  # fmt: skip
     code, out, _ = invoke("publish", run, "--all", "--git", url)
     assert code == 0 and "already published" in out and "step-30" in out
+    code, out, _ = invoke("publish", run, "30", "--git", repo)  # a bare repository's path
+    assert code == 0 and "already published" in out
     assert "git checkout step-30 && git lfs pull" in out
     for args, status, said in (
         (["publish", run, "10"], 1, "--git DEST or --hub REPO_ID"),

@@ -107,9 +107,7 @@ class _Git:
     def failed(
         self, args: tuple[str, ...], proc: subprocess.CompletedProcess[bytes]
     ) -> PublishError:
-        said = proc.stderr.decode(errors="replace").strip().splitlines()
-        why = said[-1] if said else f"exit status {proc.returncode}"
-        return PublishError(self.dest, f"git {args[0]} failed for {self.dest}: {why}.")
+        return PublishError(self.dest, f"git {args[0]} failed for {self.dest}: {_why(proc)}.")
 
     def commit_of(self, ref: str) -> str | None:
         proc = self.run("rev-parse", "-q", "--verify", f"{ref}^{{commit}}", check=False)
@@ -171,6 +169,17 @@ class _Git:
             if line.startswith("LocalMediaDir="):
                 return Path(line.split("=", 1)[1])
         raise PublishError(self.dest, f"git lfs env names no object folder for {self.dest}.")
+
+
+def _why(proc: subprocess.CompletedProcess[bytes]) -> str:
+    """The line of git's complaint that says what is wrong (its "fatal:" or "error:")."""
+    said = [line.strip() for line in proc.stderr.decode(errors="replace").splitlines()]
+    said = [line for line in said if line]
+    for line in said:
+        for mark in ("fatal: ", "error: "):
+            if line.startswith(mark):
+                return line.removeprefix(mark).rstrip(".")
+    return said[-1].rstrip(".") if said else f"exit status {proc.returncode}"
 
 
 def require_git() -> None:
@@ -263,9 +272,8 @@ def _install_lfs_hooks(git: _Git, path: Path, target: _Target) -> None:
         return
     proc = git.run("lfs", "install", "--local", check=False)
     if proc.returncode != 0:
-        said = proc.stderr.decode(errors="replace").strip().splitlines()
         target.notes.append(
-            f"could not install Git LFS's hooks in {git.dest} ({said[0] if said else 'failed'}):"
+            f"could not install Git LFS's hooks in {git.dest} ({_why(proc)}):"
             f" run `git -C {git.dest} lfs install --local` before pushing it elsewhere"
         )
 
@@ -297,9 +305,7 @@ def _remote_target(
             if proc.returncode != 0:
                 with contextlib.suppress(FileNotFoundError):
                     remove_tree(tmp)
-                said = proc.stderr.decode(errors="replace").strip().splitlines()
-                why = said[-1] if said else f"git clone exited {proc.returncode}"
-                raise NotAGitRepositoryError(dest, f"git cannot read it ({why})")
+                raise NotAGitRepositoryError(dest, f"git cannot read it ({_why(proc)})")
             os.replace(tmp, cache)
         git = _Git(["--git-dir", str(cache)], dest)
         git.run("config", "remote.origin.url", url)
@@ -467,11 +473,10 @@ def _check_out(target: _Target, start: str | None, head: str) -> None:
     args = ("read-tree", "-m", "-u", *((start,) if start else ()), head)
     proc = git.run(*args, pre=_LFS_FILTERS, check=False)
     if proc.returncode != 0:
-        said = proc.stderr.decode(errors="replace").strip().splitlines()
         raise PublishError(
             git.dest,
             f"Published to {git.dest} (branch {target.branch!r} and its tags), but its working "
-            f"tree could not be updated: {said[-1] if said else 'git read-tree failed'}.",
+            f"tree could not be updated: {_why(proc)}.",
             f"Update it yourself: git -C {git.dest} reset --hard (nothing of yours was there: "
             "it was clean).",
         )
