@@ -485,3 +485,20 @@ def test_hub_cli_private_uses_the_usual_token_and_without_the_package_names_the_
     with pytest.raises(MissingDependencyError, match="huggingface_hub") as caught:
         publish_hub(point(run, 10), "alice/m")
     assert "pip install 'savepoints[hub]'" in caught.value.hint
+
+
+@needs_lfs
+def test_the_readme_publishing_example_publishes_every_save_point(
+    run, tmp_path, monkeypatch, capsys
+):
+    from test_readme import python_blocks
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "tweets").symlink_to(run)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(python_blocks()["Publishing"], "README.md", "exec"), {})
+    steps = [p.step for p in SavePoints(run, readonly=True).list()]
+    printed = capsys.readouterr().out.splitlines()
+    assert [int(line.split()[0]) for line in printed] == steps
+    tags = git("tag", "--list", cwd=tmp_path / "tweets-model").split()
+    assert {f"step-{s}" for s in steps} <= set(tags)

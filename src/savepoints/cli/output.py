@@ -17,6 +17,7 @@ import click
 from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
 # Piped output is not cut to 80 columns: tables stay whole in logs and files.
@@ -102,3 +103,15 @@ def quiet() -> Iterator[None]:
 
     with contextlib.redirect_stdout(io.StringIO()):
         yield
+
+
+@contextlib.contextmanager
+def transfer_bar(what: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar of bytes moved (hashed, sent, fetched), on stderr; yields the
+    callback that advances it (safe to call from worker threads)."""
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+        TransferSpeedColumn(), console=err_console, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(what, total=total or None)
+        yield lambda n: bar.advance(task, n)

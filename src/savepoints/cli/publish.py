@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import click
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from savepoints.cli.output import (
     console,
@@ -18,6 +14,7 @@ from savepoints.cli.output import (
     human_bytes,
     json_option,
     table,
+    transfer_bar,
 )
 from savepoints.cli.resolve import is_point_folder, open_run, pick
 from savepoints.errors import InvalidArgumentError
@@ -87,7 +84,8 @@ def publish_cmd(run: Path, refs: tuple[str, ...], git_dest: str | None, repo_id:
         if is_lfs(rel)
     )
     say = _say if not as_json else (lambda _msg: None)
-    with _bar(f"hashing and placing weights of {len(points)} save point(s)", total) as advance:
+    what = f"hashing and placing weights of {len(points)} save point(s)"
+    with transfer_bar(what, total) as advance:
         if repo_id is not None:
             from savepoints.interop.publish import publish_hub
 
@@ -150,15 +148,3 @@ def _chosen(run: Path, refs: tuple[str, ...], every: bool) -> list[SavePoint]:
 
 def _say(message: str) -> None:
     err_console.print(f"[cyan]savepoints[/] {esc(message)}")
-
-
-@contextmanager
-def _bar(what: str, total: int) -> Iterator[Any]:
-    """A progress bar of weight bytes hashed or placed, on stderr (stdout stays clean for
-    --json); yields the callback that advances it."""
-    with Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-        TransferSpeedColumn(), console=err_console, transient=True,
-    ) as bar:  # fmt: skip
-        task = bar.add_task(what, total=total or None)
-        yield lambda n: bar.advance(task, n)

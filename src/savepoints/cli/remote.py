@@ -3,16 +3,22 @@ and ``du`` (which take a URL where they take a run)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from savepoints import keep as keep_mod
-from savepoints.cli.output import console, done, echo_json, human_bytes, json_option, table
+from savepoints.cli.output import (
+    console,
+    done,
+    echo_json,
+    human_bytes,
+    json_option,
+    table,
+    transfer_bar,
+)
 from savepoints.cli.resolve import open_run, pick
 from savepoints.errors import InvalidArgumentError, SavePointNotFoundError
 from savepoints.layout import folder_name
@@ -22,17 +28,6 @@ from savepoints.storage.remote import RemoteRun, as_url, is_url
 from savepoints.storage.tier import pull_run, push_run
 
 __all__ = ["is_url", "pull_cmd", "push_cmd"]
-
-
-@contextmanager
-def transfer_bar(what: str, total: int) -> Iterator[Any]:
-    """A progress bar of bytes moved; yields the callback that advances it."""
-    with Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-        TransferSpeedColumn(), console=console, transient=True,
-    ) as bar:  # fmt: skip
-        task = bar.add_task(what, total=total or None)
-        yield lambda n: bar.advance(task, n)
 
 
 @click.command("push")
