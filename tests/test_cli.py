@@ -166,7 +166,17 @@ def test_readers_do_not_create_or_lock_anything(tmp_path, run):
 
 def test_demo_runs_end_to_end_and_resumes_bit_exactly(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "savepoints", "demo", "--run", str(tmp_path / "demo")],
+        # The shortest demo (3 epochs; README's `scripts/demo.sh` runs the default 6).
+        [
+            sys.executable,
+            "-m",
+            "savepoints",
+            "demo",
+            "--run",
+            str(tmp_path / "demo"),
+            "--epochs",
+            "3",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -179,12 +189,21 @@ def test_demo_runs_end_to_end_and_resumes_bit_exactly(tmp_path):
     assert "ends with bit-identical weights: True" in text
     assert "verify(original) ok: True; verify(tampered copy) ok: False" in text
     with SavePoints(tmp_path / "demo", readonly=True) as points:
-        assert points.latest().step == 144 and points.verify().ok
-        assert [p.step for p in points.list()] == [24, 48, 72, 96, 120, 144]
+        assert points.latest().step == 72 and points.verify().ok
+        assert [p.step for p in points.list()] == [24, 48, 72]
     # running it again replaces its own earlier run, but never a folder it did not write
     assert (
         subprocess.run(
-            [sys.executable, "-m", "savepoints", "demo", "--run", str(tmp_path / "demo")],
+            [
+                sys.executable,
+                "-m",
+                "savepoints",
+                "demo",
+                "--run",
+                str(tmp_path / "demo"),
+                "--epochs",
+                "3",
+            ],
             capture_output=True,
             timeout=600,
         ).returncode

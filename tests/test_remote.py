@@ -360,6 +360,7 @@ import sys
 from pathlib import Path
 from savepoints.storage.tier import push_run
 print("ready", flush=True)
+sys.stdin.readline()  # go
 push_run(Path(sys.argv[1]), sys.argv[2])
 print("pushed", flush=True)
 """
@@ -382,13 +383,21 @@ def test_a_push_sigkilled_at_random_moments_never_leaves_a_visible_partial_save_
     rng = random.Random(0)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     outcomes = {"killed before the manifest": 0, "killed after the manifest": 0}
-    for _ in range(20):
+
+    def pusher() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-c", _KILLED_PUSH, str(run), s3_url],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)  # fmt: skip
+
+    upcoming = pusher()  # each child starts (imports) while the trial before runs
+    for trial in range(20):
         remote.delete(7)
         remote.collect(timedelta(0))
         assert remote.blobs() == {}
-        child = subprocess.Popen([sys.executable, "-c", _KILLED_PUSH, str(run), s3_url],
-                                 stdout=subprocess.PIPE, env=env)  # fmt: skip
+        child, upcoming = upcoming, (pusher() if trial < 19 else None)
         assert child.stdout is not None and child.stdout.readline().strip() == b"ready"
+        assert child.stdin is not None
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
         time.sleep(rng.uniform(0, push_seconds * 1.2))
         child.send_signal(signal.SIGKILL)
         child.wait()
@@ -403,7 +412,6 @@ def test_a_push_sigkilled_at_random_moments_never_leaves_a_visible_partial_save_
         # The next push completes it.
         remote.push(run / "step-00000007", points.get(7).manifest)
         assert remote.steps() == [7] and remote.verify(7).ok
-    print(outcomes)
     assert outcomes["killed before the manifest"] > 0, outcomes
 
 
