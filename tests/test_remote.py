@@ -355,6 +355,32 @@ def test_a_push_that_fails_never_stops_training_and_is_retried_after_the_next_sa
     server.stop()
 
 
+def test_an_emergency_save_point_that_cannot_be_pushed_in_time_is_said_and_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from savepoints.preemption import Preemption
+
+    server = _start()
+    host, port = server.get_host_and_port()
+    _s3_env(monkeypatch, f"http://{host}:{port}")
+    url = f"s3://{_bucket(f'http://{host}:{port}')}/run"
+    options = {"max_retries": 0, "retry_timeout": 1, "connect_timeout": 1}
+    points = SavePoints(tmp_path / "run", remote=url, storage_options=options)
+    model, _ = _train_and_save(points, [1])
+    points.wait()
+    server.stop()
+    _train_and_save(points, [2], model=model)  # the emergency save point
+    with pytest.raises(SystemExit) as leaving:
+        Preemption(deadline=30).exit(points, step=2)
+    assert leaving.value.code == 75
+    said = capfd.readouterr().err
+    assert "step(s) 2 committed in" in said and "not pushed to " + url in said
+    assert f"savepoints push {tmp_path / 'run'} {url}" in said
+    assert (tmp_path / "run" / "step-00000002").is_dir()  # committed locally first
+    with pytest.raises(RemotePushError):
+        points.close()
+
+
 _KILLED_PUSH = """
 import sys
 from pathlib import Path

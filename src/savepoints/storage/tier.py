@@ -159,10 +159,11 @@ class RemoteTier:
                 report = self.remote.push(folder, manifest)
             except (SavePointsError, OSError) as e:
                 self._error = e
+                why = e.message if isinstance(e, SavePointsError) else str(e)
                 log.warning(
-                    "savepoints: could not push step %d to %s: %s. It is safe locally and "
+                    "savepoints: could not push step %d to %s: %s It is safe locally and "
                     "is pushed again after the next save, or by wait()/close().",
-                    step, self.url, e,
+                    step, self.url, why.rstrip(".") + ".",
                 )  # fmt: skip
                 break  # in step order: the newer ones wait for this one
             self.reports.append(report)
