@@ -165,23 +165,10 @@ def test_readers_do_not_create_or_lock_anything(tmp_path, run):
 
 
 def test_demo_runs_end_to_end_and_resumes_bit_exactly(tmp_path):
-    out = subprocess.run(
-        # The shortest demo (3 epochs; README's `scripts/demo.sh` runs the default 6).
-        [
-            sys.executable,
-            "-m",
-            "savepoints",
-            "demo",
-            "--run",
-            str(tmp_path / "demo"),
-            "--epochs",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+    # The shortest demo (3 epochs; README's `scripts/demo.sh` runs the default 6).
+    demo = [sys.executable, "-m", "savepoints", "demo", "--run", str(tmp_path / "demo"),
+            "--epochs", "3"]  # fmt: skip
+    out = subprocess.run(demo, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())
     assert "killed the training process with SIGKILL" in text
@@ -192,23 +179,7 @@ def test_demo_runs_end_to_end_and_resumes_bit_exactly(tmp_path):
         assert points.latest().step == 72 and points.verify().ok
         assert [p.step for p in points.list()] == [24, 48, 72]
     # running it again replaces its own earlier run, but never a folder it did not write
-    assert (
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "savepoints",
-                "demo",
-                "--run",
-                str(tmp_path / "demo"),
-                "--epochs",
-                "3",
-            ],
-            capture_output=True,
-            timeout=600,
-        ).returncode
-        == 0
-    )
+    assert subprocess.run(demo, capture_output=True, timeout=600).returncode == 0
     (tmp_path / "mine").mkdir()
     refused = subprocess.run(
         [sys.executable, "-m", "savepoints", "demo", "--run", str(tmp_path / "mine")],
