@@ -381,6 +381,32 @@ def test_an_emergency_save_point_that_cannot_be_pushed_in_time_is_said_and_kept(
         points.close()
 
 
+_NO_CLOSE = """
+import sys
+import torch
+from savepoints import SavePoints
+from tests.conftest import tiny_gpt2_config
+from transformers import GPT2ForSequenceClassification
+
+model = GPT2ForSequenceClassification(tiny_gpt2_config())
+points = SavePoints(sys.argv[1], remote=sys.argv[2])
+for step in (1, 2, 3):
+    with torch.no_grad():
+        model.score.weight.add_(1.0)
+    points.save(step, model=model)
+"""
+
+
+def test_a_script_that_ends_without_close_still_pushes_every_save_point(tmp_path: Path) -> None:
+    url = (tmp_path / "remote").as_uri()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", _NO_CLOSE, str(tmp_path / "run"), url],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    remote = RemoteRun.open(url)
+    assert remote.steps() == [1, 2, 3] and remote.verify(3).ok
+
+
 _KILLED_PUSH = """
 import sys
 from pathlib import Path

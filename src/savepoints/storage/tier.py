@@ -13,9 +13,12 @@ remote yet; retention on the remote applies the run's ``Keep`` to the remote sav
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -56,6 +59,7 @@ class RemoteTier:
         self._busy = False
         self._thread: threading.Thread | None = None
         self._closed = False
+        _finish_at_exit(self)
 
     @property
     def url(self) -> str:
@@ -247,6 +251,33 @@ class RemoteTier:
             self.local.commit(staged, manifest, replace=False)
         log.info("savepoints: pulled step %d from %s", step, self.url)
         return self.local.point_dir(step), manifest
+
+
+def _finish_at_exit(tier: RemoteTier) -> None:
+    """A script that ends without ``close()`` still gets its pushes finished (or told
+    what is only local). Registered with threading's exit hooks, which run before those
+    of ``concurrent.futures`` (registered earlier, run later): the uploads' thread pool
+    still works then; plain ``atexit`` runs too late for it."""
+    ref = weakref.ref(tier)
+
+    def finish() -> None:
+        tier = ref()
+        if tier is None or tier._closed:
+            return
+        left = tier.wait()
+        if left:
+            tier._push_pending()
+            left = sorted(tier.unpushed())
+        if left:
+            log.error(
+                "savepoints: at exit, step(s) %s are committed in %s but not pushed to %s "
+                "(%s); `savepoints push %s %s` pushes them.", ", ".join(map(str, left)),
+                tier.local.root, tier.url, tier._error, tier.local.root, tier.url,
+            )  # fmt: skip
+
+    register = getattr(threading, "_register_atexit", None)
+    with contextlib.suppress(RuntimeError):  # the interpreter is shutting down already
+        (register or atexit.register)(finish)
 
 
 def push_run(
