@@ -125,6 +125,8 @@ def test_a_new_machine_with_an_empty_folder_resumes_from_the_remote_exactly(
         assert not (tmp_path / "b" / "step-00000030").exists()
         fresh = _model(seed=9)
         fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+        points.restore(listed[0], model=fresh)  # a remote-only SavePoint: fetched
+        assert (tmp_path / "b" / "step-00000010").is_dir()
         points.restore(model=fresh, optimizer=fresh_opt)
         assert torch.equal(torch.rand(3), expected)  # the RNG came back too
         assert same_weights(fresh, model)
@@ -134,7 +136,7 @@ def test_a_new_machine_with_an_empty_folder_resumes_from_the_remote_exactly(
         # The fetched save point is a plain, verified local folder now.
         here = points.latest()
         assert here is not None and here.remote is None and here.verify().ok
-        assert [p.step for p in points.list() if p.remote is None] == [30]
+        assert [p.step for p in points.list() if p.remote is None] == [10, 30]
         # Training goes on from there and pushes to the same remote.
         points.save(40, model=fresh, optimizer=fresh_opt)
     assert RemoteRun.open(s3_url).steps() == [10, 20, 30, 40]
@@ -201,11 +203,14 @@ def test_a_different_save_point_for_a_step_the_remote_holds_is_a_conflict(
     # Opening pushes what is newer than the remote's newest: nothing here. A new save
     # of step 1 (overwrite) cannot replace the remote's: close() says so.
     points.save(1, model=_model(seed=6), overwrite=True)
-    with pytest.raises(RemotePushError, match="step 1") as caught:
+    points.save(2, model=_model(seed=6))  # a refused step does not hold up newer ones
+    with pytest.raises(RemotePushError, match=r"Step\(s\) 1 are") as caught:
         points.close()
     assert "different save point" in str(caught.value)
+    assert f"savepoints push {tmp_path / 'b'} {s3_url}" in caught.value.hint
     assert (tmp_path / "b" / "step-00000001").is_dir()  # nothing local was lost
     assert RemoteRun.open(s3_url).verify(1).ok
+    assert RemoteRun.open(s3_url).steps() == [1, 2]
 
 
 def test_a_corrupt_newest_remote_save_point_falls_back_to_the_newest_that_verifies(
@@ -264,6 +269,20 @@ def test_tags_are_changed_on_the_remote_by_compare_and_swap(tmp_path: Path, s3_u
     with SavePoints(tmp_path / "new", remote=s3_url) as points:
         assert points.get("release").step == 2  # fetched by its tag
         assert points.get("release").tags == ("release",)
+
+
+def test_a_failed_remote_retention_is_raised_by_close_not_only_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: RemoteRun, step: int) -> None:
+        raise RemoteAccessError(self.url, "deleting was refused (AccessDenied)")
+
+    monkeypatch.setattr(RemoteRun, "delete", refuse)
+    points = SavePoints(tmp_path / "run", remote=(tmp_path / "r").as_uri(), keep=Keep(last=1))
+    _train_and_save(points, [1, 2])
+    with pytest.raises(RemoteError, match="retention or garbage collection failed"):
+        points.close()
+    assert RemoteRun.open((tmp_path / "r").as_uri()).steps() == [1, 2]
 
 
 def test_a_file_remote_works_like_s3(tmp_path: Path) -> None:
@@ -365,20 +384,19 @@ def test_an_emergency_save_point_that_cannot_be_pushed_in_time_is_said_and_kept(
     _s3_env(monkeypatch, f"http://{host}:{port}")
     url = f"s3://{_bucket(f'http://{host}:{port}')}/run"
     options = {"max_retries": 0, "retry_timeout": 1, "connect_timeout": 1}
-    points = SavePoints(tmp_path / "run", remote=url, storage_options=options)
-    model, _ = _train_and_save(points, [1])
-    points.wait()
-    server.stop()
-    _train_and_save(points, [2], model=model)  # the emergency save point
     with pytest.raises(SystemExit) as leaving:
-        Preemption(deadline=30).exit(points, step=2)
+        with SavePoints(tmp_path / "run", remote=url, storage_options=options) as points:
+            model, _ = _train_and_save(points, [1])
+            points.wait()
+            server.stop()
+            _train_and_save(points, [2], model=model)  # the emergency save point
+            Preemption(deadline=30).exit(points, step=2)
+    # 75 leaves the block (a scheduler requeues on it), not the push's error.
     assert leaving.value.code == 75
     said = capfd.readouterr().err
     assert "step(s) 2 committed in" in said and "not pushed to " + url in said
     assert f"savepoints push {tmp_path / 'run'} {url}" in said
     assert (tmp_path / "run" / "step-00000002").is_dir()  # committed locally first
-    with pytest.raises(RemotePushError):
-        points.close()
 
 
 _NO_CLOSE = """
@@ -389,7 +407,7 @@ from tests.conftest import tiny_gpt2_config
 from transformers import GPT2ForSequenceClassification
 
 model = GPT2ForSequenceClassification(tiny_gpt2_config())
-points = SavePoints(sys.argv[1], remote=sys.argv[2])
+points = SavePoints(sys.argv[1], remote=sys.argv[2], async_save=sys.argv[3] == "async")
 for step in (1, 2, 3):
     with torch.no_grad():
         model.score.weight.add_(1.0)
@@ -397,10 +415,13 @@ for step in (1, 2, 3):
 """
 
 
-def test_a_script_that_ends_without_close_still_pushes_every_save_point(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_script_that_ends_without_close_still_pushes_every_save_point(
+    tmp_path: Path, mode: str
+) -> None:
     url = (tmp_path / "remote").as_uri()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", _NO_CLOSE, str(tmp_path / "run"), url],
+    done = subprocess.run([sys.executable, "-c", _NO_CLOSE, str(tmp_path / "run"), url, mode],
                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     remote = RemoteRun.open(url)

@@ -457,14 +457,18 @@ class RemoteConflictError(RemoteError, FileExistsError):
 class RemotePushError(RemoteError):
     """Save points committed locally could not be pushed to the remote."""
 
-    def __init__(self, url: str, steps: Sequence[int], why: str) -> None:
+    def __init__(
+        self, url: str, steps: Sequence[int], why: str, *, run: Path | None = None
+    ) -> None:
         self.steps = list(steps)
         listed = ", ".join(str(s) for s in self.steps)
         super().__init__(
             url,
-            f"Step(s) {listed} are committed locally but not on the remote {url}: {why}.",
+            f"Step(s) {listed} are committed locally but not on the remote {url}: "
+            f"{why.rstrip('.')}.",
             "They are safe on the local disk. Fix the cause, then push them with "
-            f"`savepoints push RUN {url}` (or call wait() again).",
+            f"`savepoints push {run or 'RUN'} {url}` (or open the run again: it pushes "
+            "what is newer than the remote's newest).",
         )
 
 

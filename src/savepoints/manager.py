@@ -216,6 +216,7 @@ class SavePoints:
         tier = RemoteTier(
             local, RemoteRun.open(remote, options, writable=writable),
             keep=lambda: self.keep, after_push=self._apply_retention,
+            flush_first=lambda: self._writer.wait() if self._writer is not None else None,
         )  # fmt: skip
         if writable:
             tier.catch_up()  # what a previous process committed but did not push
@@ -232,7 +233,12 @@ class SavePoints:
     def __enter__(self) -> SavePoints:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None and self._tier is not None and not self._closed:
+            # An exception (a preemption's SystemExit(75), say) is leaving the block: it
+            # must stay the one that leaves. What is not pushed yet is said, and pushed
+            # when the run is opened again.
+            self._tier.abandon()
         self.close()
 
     def close(self) -> None:
@@ -244,7 +250,7 @@ class SavePoints:
                 self._writer.close()
         finally:
             try:
-                if self._tier is not None and not self._closed:
+                if self._tier is not None and not self._closed and not self._tier.stopped:
                     self._tier.close()
             finally:
                 self._storage.close()
@@ -586,12 +592,15 @@ class SavePoints:
         on the remote. Raises when it cannot be deleted; nothing is changed then."""
         self._check_writable("delete a save point")
         point = self._find(step)
+        if self._tier is not None:
+            # The remote first: a local copy deleted while the remote kept its own would
+            # be fetched back by the next latest(). Pushes in flight end before.
+            self._tier.wait()
+            self._tier.delete(point.step)
         if point.remote is None:
             self._storage.delete(point.step)
             log.info("savepoints: deleted step %d of %s", point.step, self.path)
             self._storage.collect()
-        if self._tier is not None:
-            self._tier.delete(point.step)
 
     # ---------------------------------------------------------------- restoring
 
@@ -715,7 +724,7 @@ class SavePoints:
 
     def _resolve(self, savepoint: SavePoint | int | str | os.PathLike[str] | None) -> SavePoint:
         if isinstance(savepoint, SavePoint):
-            return savepoint
+            return self._here(savepoint)
         if savepoint is None:
             latest = self.latest()
             if latest is None:

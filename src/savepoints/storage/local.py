@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import socket
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,6 +42,10 @@ class LocalStorage:
         self._blobs = BlobStore(self.layout.blobs)
         self._blobs.linking = dedup
         self._lock_fd: int | None = None
+        # Garbage collection (retention, also run by a remote's push thread) and the
+        # interning of a commit's files into the blob store must not interleave: a
+        # collect could remove a blob folder between intern's mkdir and its link.
+        self._blob_lock = threading.Lock()
 
     @property
     def dedup(self) -> bool:
@@ -128,12 +133,13 @@ class LocalStorage:
         return atomic.stage_point(self.layout, step).begin()
 
     def commit(self, staged: atomic.Staged, manifest: Manifest, *, replace: bool) -> None:
-        self._blobs.intern_all(staged.path, manifest.files)
-        # The manifest is the commit record: written last, then the folder is renamed.
-        staged.commit(
-            record=functools.partial(write_manifest, manifest=manifest, name=MANIFEST_NAME),
-            replace=replace,
-        )
+        with self._blob_lock:
+            self._blobs.intern_all(staged.path, manifest.files)
+            # The manifest is the commit record: written last, then the folder is renamed.
+            staged.commit(
+                record=functools.partial(write_manifest, manifest=manifest, name=MANIFEST_NAME),
+                replace=replace,
+            )
 
     def rewrite_manifest(self, folder: Path, manifest: Manifest) -> None:
         atomic.replace_file(folder / MANIFEST_NAME, encode_manifest(manifest), self.layout.staging)
@@ -145,7 +151,8 @@ class LocalStorage:
             raise RunNotWritableError(self.root, e.strerror or "permission denied") from e
 
     def collect(self) -> tuple[int, int]:
-        return self._blobs.collect()
+        with self._blob_lock:
+            return self._blobs.collect()
 
     def blob_path(self, digest: str) -> Path | None:
         """The stored blob of ``digest`` (None when this run keeps no blobs)."""

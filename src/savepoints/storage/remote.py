@@ -69,6 +69,7 @@ DEFAULT_GC_GRACE = timedelta(hours=1)
 _TRANSFERS = 8  # files uploaded or downloaded at once
 _CHUNK = 8 * 1024 * 1024
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_REFUSED = re.compile(r"status code: 403\b|InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied")
 _XML_CODE = re.compile(r"<Code>([^<]*)</Code>\s*<Message>([^<]*)</Message>")
 
 # storage_options keys that belong to obstore's HTTP client or its retry policy; every
@@ -187,7 +188,8 @@ class RemoteRun:
             return RemoteAccessError(self.url, f"{doing} was refused ({text})")
         if "NoSuchBucket" in str(e):
             return RemoteAccessError(self.url, "the bucket does not exist")
-        if any(w in str(e) for w in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "403")):
+        # The status code, not a bare "403": blob names are hex and may hold one.
+        if _REFUSED.search(str(e)):
             return RemoteAccessError(self.url, f"{doing} was refused ({text})")
         return RemoteError(self.url, f"Remote {self.url}: {doing} failed: {text}.")
 
@@ -380,7 +382,10 @@ class RemoteRun:
             # A blob we skipped because it was there may have been collected since the
             # LIST (a gc on another machine): put back what the manifest now misses.
             self._upload_missing(folder, manifest, PushReport(manifest.step), None)
-        self.set_tags(manifest.step, manifest.tags)
+        tags = manifest.tags
+        if report.already:  # tags given on the remote since are kept; ours are added
+            tags += tuple(sorted(t for t, s in self.tags().items() if s == manifest.step))
+        self.set_tags(manifest.step, tuple(dict.fromkeys(tags)))
         report.seconds = time.perf_counter() - started
         return report
 

@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from savepoints import keep as keep_mod
-from savepoints.errors import RemotePushError, SavePointNotFoundError, SavePointsError
+from savepoints.errors import (
+    RemoteConflictError,
+    RemoteError,
+    RemotePushError,
+    SavePointNotFoundError,
+    SavePointsError,
+)
 from savepoints.keep import Keep, PointInfo
 from savepoints.layout import MANIFEST_NAME
 from savepoints.manifest import Manifest, read_manifest
@@ -41,11 +47,14 @@ class RemoteTier:
     def __init__(
         self, local: LocalStorage, remote: RemoteRun, *, keep: Callable[[], Keep],
         after_push: Callable[[], None] = lambda: None, gc_grace: timedelta = DEFAULT_GC_GRACE,
+        flush_first: Callable[[], object] = lambda: None,
     ) -> None:  # fmt: skip
         self.local = local
         self.remote = remote
         self._keep = keep
         self._after_push = after_push
+        #: Commits what is still being saved (async): run before the exit hook pushes.
+        self._flush_first = flush_first
         self.gc_grace = gc_grace
         #: The remote's save points as last seen (read when the run opens, then kept up
         #: to date by our own pushes and deletions: one writer per run).
@@ -54,6 +63,11 @@ class RemoteTier:
         self.reports: list[PushReport] = []
         self._unpushed: set[int] = set()
         self._error: BaseException | None = None
+        #: Steps the remote refuses for good (a different save point holds the step):
+        #: not tried again, kept locally, raised by settle().
+        self._refused: dict[int, SavePointsError] = {}
+        #: Remote retention or gc failed (the pushes themselves went through).
+        self._cleanup_error: BaseException | None = None
         self._cond = threading.Condition()
         self._queued = 0
         self._busy = False
@@ -93,8 +107,9 @@ class RemoteTier:
                 self._thread.start()
 
     def unpushed(self) -> set[int]:
+        """Steps that are only local: queued, failed, or refused by the remote."""
         with self._cond:
-            return set(self._unpushed)
+            return set(self._unpushed) | set(self._refused)
 
     def wait(self, timeout: float | None = None) -> list[int]:
         """Block until the queue is empty (or ``timeout`` seconds passed); returns the
@@ -106,26 +121,56 @@ class RemoteTier:
                 if left is not None and left <= 0:
                     break
                 self._cond.wait(left)
-            return sorted(self._unpushed)
+            return sorted(set(self._unpushed) | set(self._refused))
 
     def settle(self) -> None:
         """Wait for the pushes; retry what failed once; raise if anything is still only
-        local."""
-        if not self.wait():
-            return
-        self._push_pending()
+        local, or if remote retention failed."""
+        if self.wait():
+            self._push_pending()
         left = sorted(self.unpushed())
         if left:
-            why = str(self._error) if self._error is not None else "the push did not finish"
-            raise RemotePushError(self.url, left, why)
+            errors = [*self._refused.values(), *([self._error] if self._error else [])]
+            why = "; ".join(_said(e) for e in errors) or "the push did not finish"
+            raise RemotePushError(self.url, left, why, run=self.local.root)
+        failure, self._cleanup_error = self._cleanup_error, None
+        if failure is not None:
+            raise RemoteError(
+                self.url,
+                f"Every save point is on the remote {self.url}, but its retention or "
+                f"garbage collection failed: {_said(failure)}",
+                "Check the credentials' right to delete objects; `savepoints rm` and "
+                "`savepoints gc` on the URL do the same by hand.",
+            ) from failure
 
     def close(self) -> None:
         try:
             self.settle()
         finally:
-            with self._cond:
-                self._closed = True
-                self._cond.notify_all()
+            self._stop()
+
+    def abandon(self) -> list[int]:
+        """Stop without waiting (an exception is leaving the run): say what is only
+        local; a later open of the run pushes it."""
+        left = sorted(self.unpushed())
+        if left:
+            log.warning(
+                "savepoints: step(s) %s committed in %s are not on %s yet; they are pushed "
+                "when the run is opened again, or with `savepoints push %s %s`.",
+                ", ".join(map(str, left)), self.local.root, self.url, self.local.root,
+                self.url,
+            )  # fmt: skip
+        self._stop()
+        return left
+
+    @property
+    def stopped(self) -> bool:
+        return self._closed
+
+    def _stop(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def _run(self) -> None:
         while True:
@@ -148,7 +193,9 @@ class RemoteTier:
 
     def _push_pending(self) -> None:
         pushed = False
-        for step in sorted(self.unpushed()):
+        with self._cond:
+            pending = sorted(self._unpushed)
+        for step in pending:
             folder = self.local.point_dir(step)
             try:
                 manifest = read_manifest(folder / MANIFEST_NAME)
@@ -161,13 +208,19 @@ class RemoteTier:
                 continue
             try:
                 report = self.remote.push(folder, manifest)
+            except RemoteConflictError as e:
+                # For good: trying again cannot help, and must not hold up newer steps.
+                log.error("savepoints: step %d is not pushed: %s", step, _said(e))
+                with self._cond:
+                    self._unpushed.discard(step)
+                    self._refused[step] = e
+                continue
             except (SavePointsError, OSError) as e:
                 self._error = e
-                why = e.message if isinstance(e, SavePointsError) else str(e)
                 log.warning(
                     "savepoints: could not push step %d to %s: %s It is safe locally and "
                     "is pushed again after the next save, or by wait()/close().",
-                    step, self.url, why.rstrip(".") + ".",
+                    step, self.url, _said(e),
                 )  # fmt: skip
                 break  # in step order: the newer ones wait for this one
             self.reports.append(report)
@@ -183,7 +236,11 @@ class RemoteTier:
             )  # fmt: skip
         if pushed:
             self._error = None
-            self.apply_retention()
+            try:
+                self.apply_retention()
+            except (SavePointsError, OSError) as e:
+                log.error("savepoints: retention on %s failed: %s", self.url, _said(e))
+                self._cleanup_error = e
             self._after_push()
 
     def _done(self, step: int) -> None:
@@ -253,6 +310,12 @@ class RemoteTier:
         return self.local.point_dir(step), manifest
 
 
+def _said(e: BaseException) -> str:
+    """An error's message, without its hint, as one sentence."""
+    text = e.message if isinstance(e, SavePointsError) else str(e)
+    return text.rstrip(".") + "."
+
+
 def _finish_at_exit(tier: RemoteTier) -> None:
     """A script that ends without ``close()`` still gets its pushes finished (or told
     what is only local). Registered with threading's exit hooks, which run before those
@@ -264,16 +327,14 @@ def _finish_at_exit(tier: RemoteTier) -> None:
         tier = ref()
         if tier is None or tier._closed:
             return
-        left = tier.wait()
-        if left:
-            tier._push_pending()
-            left = sorted(tier.unpushed())
-        if left:
-            log.error(
-                "savepoints: at exit, step(s) %s are committed in %s but not pushed to %s "
-                "(%s); `savepoints push %s %s` pushes them.", ", ".join(map(str, left)),
-                tier.local.root, tier.url, tier._error, tier.local.root, tier.url,
-            )  # fmt: skip
+        try:
+            tier._flush_first()  # an async save still being written: commit it first
+        except BaseException as e:  # its own thread has said why
+            log.debug("savepoints: save in flight at exit failed: %s", e)
+        try:
+            tier.close()
+        except SavePointsError as e:
+            log.error("savepoints: at exit: %s", e)
 
     register = getattr(threading, "_register_atexit", None)
     with contextlib.suppress(RuntimeError):  # the interpreter is shutting down already
