@@ -71,7 +71,7 @@ def pull_cmd(url: str, run: Path, step: str | None) -> None:
     steps = [remote_pick(remote.url, known, step)] if step is not None else None
     total = sum(m.total_size for s, m in known.items() if steps is None or s in steps)
     with transfer_bar(f"pulling from {remote.url}", total) as advance:
-        pulled = pull_run(url, run, steps, progress=advance)
+        pulled = pull_run(remote, run, steps, progress=advance, known=known)
     for folder, manifest in pulled:
         done(f"step {manifest.step} -> {folder} ({human_bytes(manifest.total_size)}, verified)")
     if not pulled:

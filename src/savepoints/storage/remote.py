@@ -204,9 +204,9 @@ class RemoteRun:
             probe = f"probes/{uuid.uuid4().hex}"
             try:
                 obs.put(self.store, probe, b"savepoints write check", mode="create")
-                obs.delete(self.store, probe)
             except Exception as e:
                 raise self._fail(e, "writing") from None
+            self._delete(probe, "deleting")
 
     # ------------------------------------------------------------------ reading
 

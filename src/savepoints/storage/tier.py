@@ -48,6 +48,7 @@ class RemoteTier:
         self, local: LocalStorage, remote: RemoteRun, *, keep: Callable[[], Keep],
         after_push: Callable[[], None] = lambda: None, gc_grace: timedelta = DEFAULT_GC_GRACE,
         flush_first: Callable[[], object] = lambda: None,
+        known: Mapping[int, Manifest] | None = None,
     ) -> None:  # fmt: skip
         self.local = local
         self.remote = remote
@@ -58,7 +59,7 @@ class RemoteTier:
         self.gc_grace = gc_grace
         #: The remote's save points as last seen (read when the run opens, then kept up
         #: to date by our own pushes and deletions: one writer per run).
-        self.known: dict[int, Manifest] = remote.points()
+        self.known: dict[int, Manifest] = dict(remote.points() if known is None else known)
         #: What each push did, in order (for reports and benchmarks).
         self.reports: list[PushReport] = []
         self._unpushed: set[int] = set()
@@ -360,17 +361,21 @@ def push_run(
 
 
 def pull_run(
-    url: str, run: Path, steps: Sequence[int] | None = None, *,
+    url: str | RemoteRun, run: Path, steps: Sequence[int] | None = None, *,
     storage_options: Mapping[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    known: Mapping[int, Manifest] | None = None,
 ) -> list[tuple[Path, Manifest]]:  # fmt: skip
     """Fetch save points of ``url`` (all that the local run lacks, or ``steps``) into the
     local run ``run`` (created if needed; its write lock is taken), verifying every file
-    as it arrives. Nothing is pushed."""
+    as it arrives. Nothing is pushed. ``url`` may be a remote already open, ``known``
+    its save points already read (not read again)."""
     local = LocalStorage(Path(run))
     local.open_for_writing()
     try:
-        tier = RemoteTier(local, RemoteRun.open(url, storage_options), keep=Keep)
+        remote = url if isinstance(url, RemoteRun) else RemoteRun.open(url, storage_options)
+        tier = RemoteTier(local, remote, keep=Keep, known=known)
+        url = remote.url
         here = {m.step for _, m in local.committed()}
         missing = [s for s in steps or () if s not in tier.known]
         if missing:
