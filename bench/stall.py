@@ -114,7 +114,7 @@ def main() -> None:
             stall["async"].append(timed(lambda: async_points.save(
                 i, model=model, optimizer=optimizer, scheduler=scheduler)))  # fmt: skip  # noqa: B023
             background.append(timed(async_points.wait))
-        buffers = async_points._writer._buffers.nbytes
+        buffers = async_points._writer._snapshots.buffers.nbytes
         sp_folder = sync_points.latest().path
         hf_folder = base / f"hf-{args.repeats}"
         load: dict[str, list[float]] = {"hf": [], "savepoints": []}

@@ -77,17 +77,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--deadline", type=float, default=25.0, help="seconds to save after SIGTERM/SIGUSR1"
     )
+    ap.add_argument(
+        "--snapshot",
+        choices=["eager", "deferred"],
+        help="copy the state before save() returns (eager, the default) or while the next "
+        "step computes (deferred)",
+    )
+    ap.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step")
+    ap.add_argument("--freeze-embeddings", action="store_true", help="train all but the embedding")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
     model = Classifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    if args.freeze_embeddings:
+        model.embed.requires_grad_(False)  # frozen: stored once, never copied again
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=3e-3, weight_decay=0.01)
     scheduler = warmup_then_linear(optimizer, warmup=5, total=args.steps)
     x, y = dataset()
     batches_per_epoch = N_EXAMPLES // BATCH
+    if batches_per_epoch % args.accumulate:
+        ap.error(f"--accumulate must divide the {batches_per_epoch} batches of an epoch")
 
     with (
-        SavePoints(args.run, keep=Keep(last=2)) as points,
+        SavePoints(args.run, keep=Keep(last=2), snapshot=args.snapshot) as points,
         Preemption(deadline=args.deadline) as preemption,
     ):
         step, epoch, batch = 0, 0, 0
@@ -105,14 +118,15 @@ def main(argv: list[str] | None = None) -> int:
                 N_EXAMPLES, generator=torch.Generator().manual_seed(1000 + epoch)
             )
             while batch < batches_per_epoch and step < args.steps:
-                idx = order[batch * BATCH : (batch + 1) * BATCH]
-                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
                 optimizer.zero_grad()
-                loss.backward()
+                for _ in range(args.accumulate):
+                    idx = order[batch * BATCH : (batch + 1) * BATCH]
+                    loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                    (loss / args.accumulate).backward()
+                    batch += 1
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                batch += 1
                 print(json.dumps({"step": step, "loss": loss.item()}), flush=True)
                 stop = step == args.stop_after or preemption.requested
                 if step % args.save_every == 0 or stop:

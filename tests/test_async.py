@@ -68,13 +68,13 @@ def test_host_buffers_are_allocated_once_and_reused(tmp_path):
     with SavePoints(tmp_path / "run", async_save=True) as points:
         points.save(1, model=net, optimizer=opt)
         points.wait()
-        buffers = dict(points._writer._buffers._buffers)
-        size = points._writer._buffers.nbytes
+        buffers = dict(points._writer._snapshots.buffers._buffers)
+        size = points._writer._snapshots.buffers.nbytes
         for step in (2, 3):
             points.save(step, model=net, optimizer=opt)
         points.wait()
-        assert points._writer._buffers.nbytes == size
-        assert all(points._writer._buffers._buffers[k] is b for k, b in buffers.items())
+        assert points._writer._snapshots.buffers.nbytes == size
+        assert all(points._writer._snapshots.buffers._buffers[k] is b for k, b in buffers.items())
         state_bytes = sum(v.numel() * v.element_size() for v in net.state_dict().values()) * 3
         assert size <= 1.1 * state_bytes + 64 * 1024  # weights + two AdamW moments (+ rng)
 

@@ -46,7 +46,7 @@ def _kill_at_rename(monkeypatch, nth: int) -> list:
 
 
 def _two_versions(tmp_path, gpt2_cls):
-    points = SavePoints(tmp_path / "run")
+    points = SavePoints(tmp_path / "run", async_save=False)
     points.save(5, model=gpt2_cls, metrics={"version": 1.0})
     old = {k: v.clone() for k, v in gpt2_cls.state_dict().items()}
     opt = torch.optim.AdamW(gpt2_cls.parameters())
@@ -67,7 +67,7 @@ def test_a_crash_inside_a_replacing_save_leaves_the_old_or_the_new_version_never
     if nth == 2:  # the window: old version in the trash, new one not yet in place
         assert not (tmp_path / "run" / "step-00000005").exists()
     points.close()
-    with SavePoints(tmp_path / "run") as again:  # recovery runs on open
+    with SavePoints(tmp_path / "run", async_save=False) as again:  # recovery runs on open
         sp = again.get(5)
         assert sp.metrics == {"version": 1.0} and sp.verify()
         model = type(gpt2_cls)(gpt2_cls.config)
@@ -87,7 +87,7 @@ def test_a_crash_after_the_new_version_is_in_place_keeps_the_new_one(
     trash = list((tmp_path / "run" / ".savepoints" / "trash").iterdir())
     assert len(trash) == 1 and trash[0].name.endswith(".replaced")
     points.close()
-    with SavePoints(tmp_path / "run") as again:
+    with SavePoints(tmp_path / "run", async_save=False) as again:
         assert again.get(5).metrics == {"version": 2.0} and again.get(5).verify()
         assert not any((tmp_path / "run" / ".savepoints" / "trash").iterdir())
 
@@ -95,14 +95,14 @@ def test_a_crash_after_the_new_version_is_in_place_keeps_the_new_one(
 @pytest.mark.parametrize("nth", [1, 2])
 def test_a_crash_inside_compact_leaves_the_save_point_whole(tmp_path, gpt2_cls, monkeypatch, nth):
     pytest.importorskip("zstandard")
-    points = SavePoints(tmp_path / "run")
+    points = SavePoints(tmp_path / "run", async_save=False)
     points.save(3, model=gpt2_cls)
     _kill_at_rename(monkeypatch, nth)
     with pytest.raises(Killed):
         points.compact(3)
     monkeypatch.undo()
     points.close()
-    with SavePoints(tmp_path / "run") as again:
+    with SavePoints(tmp_path / "run", async_save=False) as again:
         sp = again.get(3)
         assert sp.verify() and "compacted" not in sp.contents
         model = type(gpt2_cls)(gpt2_cls.config)
@@ -111,19 +111,19 @@ def test_a_crash_inside_compact_leaves_the_save_point_whole(tmp_path, gpt2_cls, 
 
 
 def test_a_deleted_save_point_is_not_brought_back_by_recovery(tmp_path, gpt2_cls, monkeypatch):
-    points = SavePoints(tmp_path / "run")
+    points = SavePoints(tmp_path / "run", async_save=False)
     points.save(1, model=gpt2_cls)
     points.save(2, model=gpt2_cls)
     monkeypatch.setattr(savepoints.atomic, "remove_tree", lambda path: None)  # killed mid-delete
     points.delete(1)
     monkeypatch.undo()
     points.close()
-    with SavePoints(tmp_path / "run") as again:
+    with SavePoints(tmp_path / "run", async_save=False) as again:
         assert [p.step for p in again.list()] == [2]
 
 
 def test_tag_rewrites_replace_only_the_manifest_and_leave_no_scratch(tmp_path, gpt2_cls):
-    with SavePoints(tmp_path / "run") as points:
+    with SavePoints(tmp_path / "run", async_save=False) as points:
         points.save(1, model=gpt2_cls)
         points.save(2, model=gpt2_cls)
         points.tag(1, "release-1")
@@ -138,7 +138,7 @@ def test_restore_of_a_tag_or_a_step_string_resolves_in_the_run_not_the_working_d
     tmp_path, gpt2_cls, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    with SavePoints(tmp_path / "run") as points:
+    with SavePoints(tmp_path / "run", async_save=False) as points:
         points.save(5, model=gpt2_cls, state={"at": 5})
         points.save(7, model=gpt2_cls, state={"at": 7}, tags=["release-1"])
         model = type(gpt2_cls)(gpt2_cls.config)
@@ -153,7 +153,7 @@ def test_restore_of_a_tag_or_a_step_string_resolves_in_the_run_not_the_working_d
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root deletes from read-only folders")
 def test_delete_that_fails_raises_and_keeps_the_save_point(tmp_path, gpt2_cls):
-    points = SavePoints(tmp_path / "run")
+    points = SavePoints(tmp_path / "run", async_save=False)
     points.save(1, model=gpt2_cls)
     (tmp_path / "run").chmod(0o555)
     try:
@@ -166,7 +166,7 @@ def test_delete_that_fails_raises_and_keeps_the_save_point(tmp_path, gpt2_cls):
 
 
 def test_delete_that_fails_raises_even_as_root(tmp_path, gpt2_cls, monkeypatch):
-    points = SavePoints(tmp_path / "run")
+    points = SavePoints(tmp_path / "run", async_save=False)
     points.save(1, model=gpt2_cls)
 
     def refuse(source, target):

@@ -22,7 +22,7 @@ from savepoints import CorruptSavePointError, RunNotWritableError, SavePoints, v
 
 
 def _saved_run(tmp_path: Path, model) -> tuple[SavePoints, savepoints.SavePoint]:
-    points = SavePoints(tmp_path / "run")
+    points = SavePoints(tmp_path / "run", async_save=False)  # errors raised by save() itself
     opt = torch.optim.AdamW(model.parameters())
     train_steps(model, opt, steps=1)
     sp = points.save(1, model=model, optimizer=opt, metrics={"loss": 1.0})

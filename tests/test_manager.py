@@ -344,6 +344,7 @@ def test_readonly_run_must_exist_and_refuses_writes(tmp_path):
 def test_second_writer_gets_a_lock_error_but_readers_work(tmp_path):
     with SavePoints(tmp_path / "run") as points:
         points.save(1)
+        points.wait()  # committed, for the reader in another SavePoints
         with pytest.raises(RunLockedError, match=r"pid \d+") as err:
             SavePoints(tmp_path / "run")
         assert "readonly=True" in str(err.value)

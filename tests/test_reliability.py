@@ -134,7 +134,7 @@ def tiny_fs(tmp_path):
 def test_a_full_disk_fails_clearly_keeps_earlier_save_points_and_training_goes_on(tiny_fs):
     small = torch.nn.Linear(64, 64)  # ~17 KB
     big = torch.nn.Linear(1024, 1024)  # ~4 MB: does not fit
-    with SavePoints(tiny_fs / "run") as points:
+    with SavePoints(tiny_fs / "run", async_save=False) as points:
         points.save(1, model=small)
         with pytest.raises(DiskFullError, match="No space left") as err:
             points.save(2, model=big)

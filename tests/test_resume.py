@@ -25,18 +25,29 @@ def run_example(*args: str) -> tuple[list[dict], str]:
     return [json.loads(line) for line in out.stdout.splitlines()], out.stderr
 
 
-@pytest.mark.parametrize("stop_after", [17, 24], ids=["mid-epoch", "epoch-boundary"])
-def test_interrupted_and_resumed_run_is_bit_identical_to_a_straight_run(tmp_path, stop_after):
+DEFERRED = ("--snapshot", "deferred", "--accumulate", "2", "--freeze-embeddings")
+
+
+@pytest.mark.parametrize(
+    ("stop_after", "flags"),
+    [(17, ()), (24, ()), (13, DEFERRED)],
+    ids=["mid-epoch", "epoch-boundary", "deferred-incremental-accumulating"],
+)
+def test_interrupted_and_resumed_run_is_bit_identical_to_a_straight_run(
+    tmp_path, stop_after, flags
+):
     straight_losses, _ = run_example(
-        "--run", str(tmp_path / "a"), "--steps", "40", "--out", str(tmp_path / "a.safetensors")
-    )
+        "--run", str(tmp_path / "a"), "--steps", "40", "--out", str(tmp_path / "a.safetensors"),
+        *flags,
+    )  # fmt: skip
     first, _ = run_example(
-        "--run", str(tmp_path / "b"), "--steps", "40", "--stop-after", str(stop_after)
+        "--run", str(tmp_path / "b"), "--steps", "40", "--stop-after", str(stop_after), *flags
     )
     assert [r["step"] for r in first] == list(range(1, stop_after + 1))
     second, log = run_example(
-        "--run", str(tmp_path / "b"), "--steps", "40", "--out", str(tmp_path / "b.safetensors")
-    )
+        "--run", str(tmp_path / "b"), "--steps", "40", "--out", str(tmp_path / "b.safetensors"),
+        *flags,
+    )  # fmt: skip
     assert f"resumed from save point at step {stop_after}" in log
     assert [r["step"] for r in second] == list(range(stop_after + 1, 41))
     # losses are compared as exact floats, weights bit for bit

@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--save-total-limit", type=int)
     ap.add_argument("--save-strategy", default="steps")
     ap.add_argument("--async-save", action="store_true")
+    ap.add_argument("--snapshot", choices=["eager", "deferred"])
     ap.add_argument(
         "--plain",
         action="store_true",
@@ -144,7 +145,9 @@ def main() -> None:
     )
     points = None if args.plain else SavePoints(args.run)
     callbacks: list = (
-        [] if points is None else [SavePointsCallback(points, async_save=args.async_save)]
+        []
+        if points is None
+        else [SavePointsCallback(points, async_save=args.async_save, snapshot=args.snapshot)]
     )
     if args.stop_at:
         callbacks.append(StopAt(args.stop_at))

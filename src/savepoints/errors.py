@@ -300,6 +300,31 @@ class UnserializableStateError(SavePointsError, TypeError):
         )
 
 
+class SnapshotChangedError(SavePointsError, RuntimeError):
+    """A tensor of a deferred snapshot was changed before savepoints had copied it, by
+    something other than the optimizer step it waits for (or, for a tensor reused
+    unchanged from the previous snapshot, without autograd's version counter seeing it)."""
+
+    def __init__(self, step: int, tensor: str, why: str, *, committed: bool = False) -> None:
+        self.step = step
+        self.tensor = tensor
+        if committed:
+            what = (
+                f"The save point of step {step} was committed, but {tensor!r} {why}: its "
+                "copy may mix old and new values."
+            )
+            fix = f"Delete it (savepoints rm RUN {step}) and save again. "
+        else:
+            what = f"The save of step {step} failed: {tensor!r} {why}. Nothing was committed."
+            fix = ""
+        super().__init__(
+            what,
+            fix + "Change parameters and optimizer state in place only through the "
+            "optimizer's step() after a save (savepoints waits for its copy there), or "
+            "pass snapshot='eager', which copies everything before save() returns.",
+        )
+
+
 class StateMismatchError(SavePointsError, ValueError):
     """A save point's state does not fit the object it is restored into."""
 

@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +45,7 @@ from savepoints.restore import restore_into
 from savepoints.savepoint import PendingSave, SavePoint
 from savepoints.serialize import check_json
 from savepoints.sharded import write_ranked
+from savepoints.snapshot import SNAPSHOT_MODES, SnapshotMode
 from savepoints.storage import LocalStorage, Storage, Usage
 from savepoints.storage.remote import RemoteRun
 from savepoints.storage.tier import RemoteTier
@@ -117,7 +118,8 @@ class SavePoints:
         max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
         layer_shards_above: int | None = LAYER_SHARDS_ABOVE,
         dedup: bool = True,
-        async_save: bool = False,
+        async_save: bool | None = None,
+        snapshot: SnapshotMode | None = None,
         if_busy: Literal["wait", "skip"] = "wait",
         timeout: float | None = None,
         remote: str | os.PathLike[str] | None = None,
@@ -133,6 +135,18 @@ class SavePoints:
                 f"max_shard_size={max_shard_size!r} is not a positive number of bytes.",
                 "Pass e.g. max_shard_size=2 * 1024**3 for 2 GiB shards.",
             )
+        if snapshot is not None and snapshot not in SNAPSHOT_MODES:
+            raise InvalidArgumentError(
+                f"snapshot={snapshot!r} is not allowed.",
+                "Use snapshot='eager' (copy everything before save() returns) or "
+                "snapshot='deferred' (copy while the next step computes).",
+            )
+        if snapshot == "deferred" and async_save is False:
+            raise InvalidArgumentError(
+                "snapshot='deferred' needs async_save=True: a synchronous save writes "
+                "everything before it returns, so there is nothing to defer.",
+                "Leave async_save at its default (True) or pass snapshot='eager'.",
+            )
         if if_busy not in ("wait", "skip"):
             raise InvalidArgumentError(
                 f"if_busy={if_busy!r} is not allowed.", "Use if_busy='wait' or if_busy='skip'."
@@ -144,19 +158,25 @@ class SavePoints:
         self.readonly = readonly
         self.max_shard_size = max_shard_size
         self.layer_shards_above = layer_shards_above
-        self.async_save = async_save
+        self._async_save = async_save is not False
+        # Integrations choose a snapshot mode only when none was given.
+        self._snapshot_given = snapshot is not None
+        self._snapshot: SnapshotMode = snapshot or "eager"
         self.if_busy = if_busy
         self._storage: Storage = LocalStorage(self.path, dedup=dedup)
         self._writer: Writer | RankWriter | None = None
         self._closed = False
         self._tier: RemoteTier | None = None
         self._retention_lock = threading.Lock()
+        self._listeners: builtins.list[Callable[[int], None]] = []
         # A run opened read-only is read by this process alone (to list it, or restore
         # into one rank's objects): only a writable run makes calls collective.
         self._ranks = None if readonly else Ranks.detect(timeout)
         self._rank = int(os.environ.get("RANK", "0")) if os.environ.get("RANK", "").isdigit() else 0
         if self._ranks is None and not readonly:
             check_not_in_a_job(self.path)
+        if self._ranks is not None and async_save is None:
+            self._async_save = False  # the ranks write one save point together
         if self._ranks is not None and async_save:
             raise InvalidArgumentError(
                 "async_save=True is not supported in a multi-rank run yet: the ranks write "
@@ -202,7 +222,8 @@ class SavePoints:
                 raise
         self._writer = Writer(
             self._storage,
-            async_save=async_save,
+            async_save=self._async_save,
+            snapshot=self._snapshot,
             keep_record=lambda: dataclasses.asdict(self.keep),
             after_commit=self._committed,
         )
@@ -222,8 +243,19 @@ class SavePoints:
             tier.catch_up()  # what a previous process committed but did not push
         return tier
 
+    def on_commit(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(step)`` after each save point this process commits (in the
+        thread that committed it: the background one for asynchronous saves). A listener
+        that raises is logged; it never fails the save."""
+        self._listeners.append(listener)
+
     def _committed(self, step: int) -> None:
         """After each local commit (in the writing thread): retention, then the push."""
+        for listener in self._listeners:
+            try:
+                listener(step)
+            except Exception as e:
+                log.warning("savepoints: a commit listener failed: %s", e)
         self._apply_retention()
         if self._tier is not None:
             self._tier.submit(step)
@@ -268,13 +300,49 @@ class SavePoints:
 
     def wait_pushed(self, timeout: float | None = None) -> builtins.list[int]:
         """Wait up to ``timeout`` seconds for the pushes in flight; return the steps that
-        are still only local (empty without a remote). Never raises for a failed push."""
+        are still only local (empty without a remote). Never raises for a failed push;
+        the save in flight is committed first (and its error raised)."""
+        self._settle()
         return [] if self._tier is None else self._tier.wait(timeout)
 
     @property
     def remote(self) -> str | None:
         """The URL of this run's remote tier (None: local only)."""
         return None if self._tier is None else self._tier.url
+
+    @property
+    def async_save(self) -> bool:
+        """Whether ``save()`` returns after the snapshot, the rest written in the
+        background (the default, except under torch.distributed)."""
+        return self._async_save
+
+    @async_save.setter
+    def async_save(self, value: bool) -> None:
+        if value and self._ranks is not None:
+            raise InvalidArgumentError(
+                "async_save=True is not supported in a multi-rank run yet.",
+                "Leave async_save off under torch.distributed.",
+            )
+        self._async_save = bool(value)
+        if isinstance(self._writer, Writer):
+            self._writer.async_save = self._async_save
+
+    @property
+    def snapshot(self) -> SnapshotMode:
+        """When an asynchronous save copies the tensors: ``"eager"`` (before ``save()``
+        returns) or ``"deferred"`` (what the optimizer owns, while the next step
+        computes; see savepoints.snapshot)."""
+        return self._snapshot
+
+    @snapshot.setter
+    def snapshot(self, mode: SnapshotMode) -> None:
+        if mode not in SNAPSHOT_MODES:
+            raise InvalidArgumentError(
+                f"snapshot={mode!r} is not allowed.", "Use 'eager' or 'deferred'."
+            )
+        self._snapshot = mode
+        if isinstance(self._writer, Writer):
+            self._writer.snapshot = mode
 
     @property
     def busy(self) -> bool:
@@ -298,7 +366,9 @@ class SavePoints:
     def list(self) -> list[SavePoint]:
         """Committed save points, sorted by step. Folders without a valid manifest
         (uncommitted, damaged, or of an unknown format) are left out. With a remote, the
-        save points only it holds are listed too (their ``remote`` says so)."""
+        save points only it holds are listed too (their ``remote`` says so). A save of
+        this process still in flight is waited for first (its error raised here)."""
+        self._settle()
         points = self._local_points()
         if self._tier is not None:
             here = {p.step for p in points}
@@ -308,6 +378,11 @@ class SavePoints:
             ]  # fmt: skip
             points.sort(key=lambda p: p.step)
         return points
+
+    def _settle(self) -> None:
+        """This process's reads see its own saves: the one in flight is waited for."""
+        if self._writer is not None and not self._closed:
+            self._writer.wait()
 
     def _local_points(self) -> builtins.list[SavePoint]:
         return [SavePoint(folder, manifest) for folder, manifest in self._storage.committed()]
@@ -585,6 +660,7 @@ class SavePoints:
 
     def usage(self) -> Usage:
         """Logical vs physical bytes, each save point's unique bytes, garbage."""
+        self._settle()
         return self._storage.usage([(p.step, p.path, p.manifest) for p in self._local_points()])
 
     def delete(self, step: int | str) -> None:

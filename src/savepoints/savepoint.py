@@ -25,9 +25,14 @@ class SavePoint:
     remote: str | None = None
 
     def __init__(self, path: Path, manifest: Manifest, *, remote: str | None = None) -> None:
-        self.path = path
+        self._path = path
         self._manifest = manifest
         self.remote = remote
+
+    @property
+    def path(self) -> Path:
+        """The save point's folder."""
+        return self._path
 
     @property
     def manifest(self) -> Manifest:
@@ -101,14 +106,25 @@ class SavePoint:
 
 
 class PendingSave(SavePoint):
-    """What an asynchronous ``save()`` returns: ``step`` and ``path`` at once; anything
-    that needs the manifest (metrics, files, verify...) waits for the commit.
-    ``result()`` waits and returns the committed :class:`SavePoint`."""
+    """What an asynchronous ``save()`` returns: ``step`` at once; anything that needs the
+    files or the manifest (``path``, metrics, verify...) waits for the commit, so
+    ``from_pretrained(points.save(...).path)`` works as with a synchronous save (and
+    raises the save's error if it failed). ``result()`` waits and returns the committed
+    :class:`SavePoint`; ``destination`` is the folder it will have, without waiting."""
 
     def __init__(self, step: int, path: Path, future: Future[SavePoint]) -> None:
-        self.path = path
+        self._destination = path
         self._step = step
         self._future = future
+
+    @property
+    def path(self) -> Path:
+        return self.result().path
+
+    @property
+    def destination(self) -> Path:
+        """Where the save point will be once committed (no wait)."""
+        return self._destination
 
     @property
     def step(self) -> int:
@@ -130,8 +146,8 @@ class PendingSave(SavePoint):
         return isinstance(other, PendingSave) and other._future is self._future
 
     def __hash__(self) -> int:
-        return hash((str(self.path), self._step, id(self._future)))
+        return hash((str(self._destination), self._step, id(self._future)))
 
     def __repr__(self) -> str:
         state = "committed" if self.done() else "in flight"
-        return f"PendingSave(step={self.step}, path={str(self.path)!r}, {state})"
+        return f"PendingSave(step={self.step}, path={str(self._destination)!r}, {state})"

@@ -1,9 +1,11 @@
 """The staging writer: files written into a save point's private staging folder, each
 recorded with its size and hash for the manifest.
 
-Synchronous saves write and fsync each file at once. Asynchronous ones copy tensors into
-:class:`HostBuffers` (the snapshot: the only part that blocks training) and write them
-later, in the background, through :meth:`FileRecorder.flush`.
+Synchronous saves write and fsync each file at once. Asynchronous ones take tensors
+through a :class:`~savepoints.snapshot.Snapshot` (copied into host buffers now, or later
+in the background) and write them later, in the background, through
+:meth:`FileRecorder.flush`. A weights file whose tensors are all unchanged since it was
+last written is linked to the stored blob instead of written again.
 """
 
 from __future__ import annotations
@@ -21,60 +23,46 @@ import torch
 from savepoints.integrity import StreamHasher, hash_file
 from savepoints.manifest import FileEntry
 from savepoints.serialize import write_safetensors, write_safetensors_stream
+from savepoints.snapshot import HostBuffers, Snapshot
 
+__all__ = ["FileRecorder", "HostBuffers"]
 
-class HostBuffers:
-    """Host memory for snapshots, allocated on first use and reused by every later save
-    of the same shapes (pinned when the source is on a GPU, for fast device-to-host
-    copies). Reuse matters: copying into fresh memory runs at a fraction of the speed of
-    copying into memory already mapped."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-        self._cuda = False
-
-    def copy(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        t = tensor.detach()
-        buf = self._buffers.get(key)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            pin = t.is_cuda and torch.cuda.is_available()
-            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
-            self._buffers[key] = buf
-        buf.copy_(t, non_blocking=t.is_cuda)
-        self._cuda = self._cuda or t.is_cuda
-        return buf
-
-    def synchronize(self) -> None:
-        """Wait for device-to-host copies still in flight."""
-        if self._cuda:
-            torch.cuda.synchronize()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+#: Puts the stored blob of a file entry at a path of the staging folder; False when it
+#: cannot (no blob store, or the blob was collected).
+LinkFn = Callable[[Path, FileEntry], bool]
 
 
 @dataclass
 class FileRecorder:
     """Collects the files written into a staging folder, with size and hash.
 
-    With ``buffers`` (asynchronous saves), tensor files are not written at once: their
-    tensors are copied into reused host buffers (the snapshot, the only part that blocks
+    With a buffered ``snapshot`` (asynchronous saves), tensor files are not written at
+    once: their tensors are taken into reused host buffers (the only part that may block
     training) and written by :meth:`flush`, later, in the background.
     """
 
     root: Path
     files: dict[str, FileEntry] = field(default_factory=dict)
-    buffers: HostBuffers | None = None
-    pending: list[tuple[str, dict[str, torch.Tensor], Mapping[str, str] | None]] = field(
+    #: Asynchronous (buffered) and incremental saves take tensors through a snapshot.
+    snapshot: Snapshot | None = None
+    link: LinkFn | None = None
+    pending: list[tuple[str, dict[str, str], Mapping[str, str] | None, FileEntry | None]] = field(
         default_factory=list
     )
-    #: Small files written but not yet fsynced: with buffers, fsync waits for the
+    #: Small files written but not yet fsynced: when buffered, fsync waits for the
     #: background too (on a busy disk one fsync can take seconds).
     unsynced: list[Path] = field(default_factory=list)
 
+    @property
+    def buffered(self) -> bool:
+        return self.snapshot is not None and self.snapshot.buffered
+
+    def has(self, rel: str) -> bool:
+        """Whether ``rel`` is written already, or will be by :meth:`flush`."""
+        return rel in self.files or any(p[0] == rel for p in self.pending)
+
     def _sync_or_defer(self, f: Any, path: Path) -> None:
-        if self.buffers is None:
+        if not self.buffered:
             os.fsync(f.fileno())
         else:
             self.unsynced.append(path)
@@ -87,11 +75,27 @@ class FileRecorder:
     def write_tensors(
         self, rel: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
     ) -> None:
-        if self.buffers is not None:
-            snap = {k: self.buffers.copy(f"{rel}\0{k}", v) for k, v in tensors.items()}
-            self.pending.append((rel, snap, metadata))
+        snap = self.snapshot
+        if snap is None:
+            self._write_tensor_file(rel, _on_cpu(tensors), metadata)
             return
-        self._write_tensor_file(rel, {k: v.detach().cpu() for k, v in tensors.items()}, metadata)
+        keys = {name: f"{rel}\0{name}" for name in tensors}
+        taken = [snap.take(keys[name], t) for name, t in tensors.items()]
+        reuse = None
+        if taken and all(kind == "reused" for kind in taken):
+            reuse = snap.owner.reusable_file(rel, keys.values())
+        if snap.buffered:
+            self.pending.append((rel, keys, metadata, reuse))
+        elif not self._reuse(rel, reuse):
+            self._write_tensor_file(rel, _on_cpu(tensors), metadata)
+            snap.owner.wrote(rel, keys.values(), self.files[rel])
+
+    def _reuse(self, rel: str, entry: FileEntry | None) -> bool:
+        """Link the stored blob of an unchanged file instead of writing it again."""
+        if entry is None or self.link is None or not self.link(self.path(rel), entry):
+            return False
+        self.files[rel] = entry
+        return True
 
     def write_tensor_stream(
         self,
@@ -109,8 +113,14 @@ class FileRecorder:
     def flush(self) -> None:
         """Write the tensor files whose snapshots were deferred, fsync deferred files."""
         while self.pending:
-            rel, tensors, metadata = self.pending.pop(0)
-            self._write_tensor_file(rel, tensors, metadata)
+            rel, keys, metadata, reuse = self.pending.pop(0)
+            if self._reuse(rel, reuse):
+                continue
+            assert self.snapshot is not None
+            owner = self.snapshot.owner
+            snap = {name: owner.buffers.get(key) for name, key in keys.items()}
+            self._write_tensor_file(rel, snap, metadata)
+            owner.wrote(rel, keys.values(), self.files[rel])
         while self.unsynced:
             with open(self.unsynced.pop(), "rb") as f:
                 os.fsync(f.fileno())
@@ -164,3 +174,7 @@ class FileRecorder:
                 self.files[rel] = FileEntry(size, digest)
                 added.append(rel)
         return sorted(added)
+
+
+def _on_cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in tensors.items()}

@@ -2,8 +2,9 @@
 -> retention.
 
 :class:`Writer` runs it for one run, synchronously or with the writing in a background
-thread (``async_save``): then only the snapshot (tensors copied into reused host
-buffers, small files written) blocks the caller, and one save is in flight at a time.
+thread (``async_save``): then only the snapshot (snapshot.py: tensors copied into reused
+host buffers, now or, deferred, while the next step computes; small files written)
+blocks the caller, and one save is in flight at a time.
 A background failure is never silent: it is logged at once and raised again by the next
 ``save()``, ``wait()`` or ``close()``. At interpreter exit the save in flight is
 finished; a killed process leaves it uncommitted, which no reader ever sees.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import platform
 import sys
 import threading
@@ -36,10 +38,11 @@ from savepoints.errors import (
     SavePointExistsError,
     SavePointsError,
 )
-from savepoints.manifest import Contents, Manifest
+from savepoints.manifest import Contents, FileEntry, Manifest
 from savepoints.preemption import preemption_request
 from savepoints.savepoint import PendingSave, SavePoint
-from savepoints.staging import FileRecorder, HostBuffers
+from savepoints.snapshot import SnapshotMode, Snapshotter
+from savepoints.staging import FileRecorder, LinkFn
 from savepoints.storage import Storage
 from savepoints.training_state import capture_rng, write_rng, write_state
 from savepoints.version import __version__
@@ -68,6 +71,9 @@ def write_components(
 ) -> Contents:
     """Write every component given into the staging folder; return ``contents``."""
     contents: Contents = {}
+    if rec.snapshot is not None:
+        # What the optimizers own may be copied later (deferred); frozen weights reused.
+        rec.snapshot.declare(model, [optimizer, *extra.values()])
     if model is not None:
         contents["model"] = write_model(rec, model, max_shard_size, layer_shards_above)
     if tokenizer is not None:
@@ -81,7 +87,7 @@ def write_components(
     if extra:
         contents["extra"] = {name: write_state(rec, name, obj) for name, obj in extra.items()}
     for rel, raw in files.items():
-        if rel in rec.files:
+        if rec.has(rel):
             raise InvalidArgumentError(
                 f"files={{{rel!r}: ...}} would replace a file savepoints itself writes.",
                 "Pick another file name.",
@@ -100,6 +106,7 @@ class Writer:
         storage: Storage,
         *,
         async_save: bool,
+        snapshot: SnapshotMode = "eager",
         keep_record: Callable[[], dict[str, Any]],
         after_commit: Callable[[int], None],
     ) -> None:
@@ -107,11 +114,19 @@ class Writer:
         self.async_save = async_save
         self._keep_record = keep_record
         self._after_commit = after_commit
-        self._buffers = HostBuffers()
+        self._snapshots = Snapshotter(snapshot)
         self._inflight: PendingSave | None = None
         self._pool: ThreadPoolExecutor | None = None
         #: Step of the save point this run continued from (the last save or restore).
         self.parent: int | None = None
+
+    @property
+    def snapshot(self) -> SnapshotMode:
+        return self._snapshots.mode
+
+    @snapshot.setter
+    def snapshot(self, mode: SnapshotMode) -> None:
+        self._snapshots.mode = mode
 
     @property
     def busy(self) -> bool:
@@ -133,16 +148,15 @@ class Writer:
         started = time.perf_counter()
         preempted = preemption_request()
         replace = replaces(self.storage, step, overwrite)
-        buffers = self._buffers if self.async_save else None
+        snap = self._snapshots.begin(step, buffered=self.async_save)
         try:
             staged = self.storage.stage(step)
         except BaseException as e:
             _raise_clearly(e, self.storage.root, step)
         try:
-            rec = FileRecorder(staged.path, buffers=buffers)
+            rec = FileRecorder(staged.path, snapshot=snap, link=self._linker())
             contents = write(rec)
-            if buffers is not None:
-                buffers.synchronize()
+            snap.taken()
         except BaseException as e:
             staged.abort()
             _raise_clearly(e, self.storage.root, step)
@@ -150,6 +164,8 @@ class Writer:
 
         def finish() -> SavePoint:
             try:
+                if snap.buffered:
+                    snap.copy_deferred()
                 rec.flush()
                 manifest = Manifest(
                     step=step,
@@ -164,6 +180,7 @@ class Writer:
                     keep=self._keep_record(),
                     preempted=preempted,
                 )
+                snap.before_commit()
                 self.storage.commit(staged, manifest, replace=replace)
             except BaseException as e:
                 staged.abort()
@@ -179,7 +196,7 @@ class Writer:
             self._after_commit(step)
             return point
 
-        if buffers is None:
+        if not snap.buffered:
             return finish()
         self._inflight = PendingSave(step, staged.final, self._executor().submit(finish))
         _WITH_SAVES_IN_FLIGHT.add(self)
@@ -190,16 +207,38 @@ class Writer:
         if in_worker():
             return None  # called from the save itself (retention): never wait for oneself
         pending, self._inflight = self._inflight, None
-        return None if pending is None else pending.result()
+        point = None if pending is None else pending.result()
+        for late in self._snapshots.late_failures():
+            raise late  # found at an optimizer step after the save was committed
+        return point
 
     def close(self) -> None:
         """Finish the save in flight (raising its error), then stop the thread."""
         try:
             self.wait()
         finally:
+            self._snapshots.close()
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+
+    def _linker(self) -> LinkFn | None:
+        """Links a stored blob into a staging folder (for files that did not change)."""
+        blob_path = getattr(self.storage, "blob_path", None)
+        if blob_path is None:
+            return None
+
+        def link(path: Path, entry: FileEntry) -> bool:
+            blob = blob_path(entry.hash)
+            try:
+                if blob is None or os.stat(blob).st_size != entry.size:
+                    return False
+                os.link(blob, path)
+            except OSError:
+                return False  # collected meanwhile, or no hard links: written instead
+            return True
+
+        return link
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -260,10 +299,11 @@ def _raise_clearly(e: BaseException, run: Path, step: int) -> NoReturn:
 _WITH_SAVES_IN_FLIGHT: weakref.WeakSet[Writer] = weakref.WeakSet()
 
 
-def _finish_saves_at_exit() -> None:
-    """At interpreter exit, let asynchronous saves in flight commit. Registered with
-    threading's exit hooks, which run before thread pools stop taking work (atexit
-    would run too late). A save that cannot finish stays uncommitted, never visible."""
+def finish_saves_in_flight() -> None:
+    """Let the asynchronous saves in flight commit (their errors are logged already).
+    Run at interpreter exit, registered with threading's exit hooks, which run before
+    thread pools stop taking work (atexit would run too late). A save that cannot finish
+    stays uncommitted, never visible."""
     for writer in list(_WITH_SAVES_IN_FLIGHT):
         try:
             writer.wait()
@@ -273,8 +313,8 @@ def _finish_saves_at_exit() -> None:
 
 _register = getattr(threading, "_register_atexit", None)
 if _register is not None:
-    _register(_finish_saves_at_exit)
+    _register(finish_saves_in_flight)
 else:  # pragma: no cover - very old or unusual Pythons
     import atexit
 
-    atexit.register(_finish_saves_at_exit)
+    atexit.register(finish_saves_in_flight)

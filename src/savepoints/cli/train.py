@@ -15,6 +15,7 @@ from savepoints.cli.output import console, echo_json_lines, esc, event, json_opt
 from savepoints.cli.resolve import open_run, refuse_point_folder, resolve_best_or_latest
 from savepoints.compact import require_plain
 from savepoints.preemption import DEFAULT_DEADLINE, Preemption
+from savepoints.writer import finish_saves_in_flight
 
 
 def need_transformers(command: str) -> None:
@@ -116,9 +117,11 @@ def train_cmd(
             callbacks=[_progress_callback()] if main else [],
             preemption=Preemption(deadline=preemption_deadline),
             remote=remote,
+            on_commit=committed if main else None,
         )
         points.close()  # with a remote: returns once every save point is there
     except KeyboardInterrupt:
+        finish_saves_in_flight()  # the save being written commits first (seconds at most)
         latest = open_run(run).latest() if run.is_dir() else None
         where = f"step {latest.step}" if latest else "the start (nothing was committed yet)"
         console.print(
@@ -174,14 +177,16 @@ def _progress_callback() -> Any:
             )  # fmt: skip
             console.print(f"  step {state.global_step:>6}  epoch {state.epoch:5.2f}  {shown}")
 
-        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            console.print(f"  [green]✓[/] save point committed at step {state.global_step}")
-
         def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if self.progress is not None:
                 self.progress.stop()
 
     return RichProgress()
+
+
+def committed(step: int) -> None:
+    """Said once a save point is committed (saves are written in the background)."""
+    console.print(f"  [green]✓[/] save point committed at step {step}")
 
 
 def read_texts(texts: tuple[str, ...], file: Path | None) -> list[str]:

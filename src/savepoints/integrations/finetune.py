@@ -467,13 +467,15 @@ def finetune(
     preemption: Any = True,
     remote: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    on_commit: Callable[[int], None] | None = None,
 ) -> SavePoints:
     """Train (or resume) and return the run. Safe to call again after any interruption.
 
     ``preemption``: what SavePointsCallback does on SIGTERM/SIGUSR1 (by default: an
     emergency save point at the next step, then exit code 75). ``remote``: a URL
     (``s3://bucket/prefix``...) every save point is pushed to, and resumed from when the
-    run folder is empty (a new machine)."""
+    run folder is empty (a new machine). ``on_commit(step)``: called once each save point
+    is committed (saves are written in the background)."""
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -514,6 +516,8 @@ def finetune(
     keep = Keep(last=cfg.keep_last, best=cfg.keep_best, metric=metric, mode="max")
     # With a remote, an empty run folder resumes from the remote's latest save point.
     points = SavePoints(cfg.run, keep=keep, remote=remote, storage_options=storage_options)
+    if on_commit is not None:
+        points.on_commit(on_commit)
     latest = points.latest()
     if latest is not None:
         # Rebuild from the save point itself: the same config and tokenizer, whatever the

@@ -49,6 +49,7 @@ from savepoints.layout import MANIFEST_NAME
 from savepoints.manager import SavePoint, SavePoints
 from savepoints.preemption import Preemption
 from savepoints.restore import restore_into
+from savepoints.snapshot import SnapshotMode
 
 TRAINER_STATE_NAME = "trainer_state.json"
 #: The oldest transformers the integration works with: CI runs the Trainer tests against
@@ -111,7 +112,11 @@ class SavePointsCallback(TrainerCallback):
     follows ``save_total_limit``, ``metric_for_best_model`` and ``greater_is_better``.
     ``state``: JSON values added to every save point's user state. ``async_save``: write
     save points in the background (training waits only for the snapshot); the default
-    is the SavePoints' own setting.
+    is the SavePoints' own setting (True unless chosen otherwise). ``snapshot``: when the
+    tensors are copied (see :mod:`savepoints.snapshot`); when neither this nor the
+    SavePoints chose, ``"deferred"``: the Trainer changes weights and optimizer state
+    only in its optimizer's ``step()``, so the copy runs while the next forward and
+    backward compute, and the step waits for it.
     ``preemption``: while ``train()`` runs, SIGTERM and SIGUSR1 make the Trainer take an
     emergency save point at the end of the current optimizer step and the process exit
     with code 75 (:data:`savepoints.preemption.EXIT_PREEMPTED`); running the script again
@@ -125,6 +130,7 @@ class SavePointsCallback(TrainerCallback):
         *,
         state: Mapping[str, Any] | None = None,
         async_save: bool | None = None,
+        snapshot: SnapshotMode | None = None,
         preemption: Preemption | bool = True,
     ) -> None:
         if not isinstance(points, SavePoints):
@@ -135,6 +141,10 @@ class SavePointsCallback(TrainerCallback):
         self.points = points
         if async_save is not None:
             points.async_save = async_save
+        if snapshot is not None:
+            points.snapshot = snapshot
+        elif not points._snapshot_given and points.async_save:
+            points.snapshot = "deferred"
         self.state = dict(state or {})
         self.trainer: Any = None
         self._last_eval: tuple[int, dict[str, float]] | None = None
