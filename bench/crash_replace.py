@@ -134,7 +134,7 @@ def worker(job: dict[str, Any], ready: Callable[[], None]) -> None:
         )  # fmt: skip
         log("end", step=step, version=version, compacted=False, path=str(sp.path))
 
-    with SavePoints(job["run"]) as points:
+    with SavePoints(job["run"], async_save=False) as points:
         if job["fresh"]:
             for step in STEPS:
                 save(step, overwrite=False)

@@ -1,6 +1,6 @@
 """Fault injection: SIGKILL training at random moments while it saves, then resume.
 
-    python bench/crash_trials.py                      # 200 trials each of sync and async
+    python bench/crash_trials.py                      # 200 trials each: sync, async, deferred
     python bench/crash_trials.py --trials 50 --modes trainer-plain trainer-savepoints
     python bench/crash_trials.py --trials 20 --json out.json
 
@@ -19,10 +19,12 @@ commit, retention or gc); the table says how many. Then the parent checks the ru
 The trials of a mode chain on one run folder (a job preempted again and again) and start
 a new folder every --chain trials. Modes:
 
-* ``sync`` / ``async``: a plain PyTorch loop (an MLP of 1.6M parameters and AdamW, 19 MB
-  a save point) with ``SavePoints(keep=Keep(last=2))``, synchronous or asynchronous
-  saves. Every weight digest a worker logs after a resume is compared with an
-  uninterrupted reference run: resumes are exact, not just possible.
+* ``sync`` / ``async`` / ``deferred``: a plain PyTorch loop (an MLP of 1.6M parameters
+  and AdamW, 19 MB a save point) with ``SavePoints(keep=Keep(last=2))``: synchronous
+  saves, asynchronous ones with eager snapshots, or with deferred snapshots (the copy
+  runs while the next step computes; the optimizer step waits for it). Every weight
+  digest a worker logs after a resume is compared with an uninterrupted reference run:
+  resumes are exact, not just possible.
 * ``trainer-savepoints``: ``transformers.Trainer`` (tiny GPT-2 classifier, ``save_steps=1``,
   ``save_total_limit=2``) with ``SavePointsCallback``, resumed with ``resume_path``.
 * ``trainer-plain``: the same Trainer with its own ``checkpoint-N`` folders, resumed from
@@ -50,7 +52,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODES = ("sync", "async", "trainer-savepoints", "trainer-plain")
+MODES = ("sync", "async", "deferred", "trainer-savepoints", "trainer-plain")
+#: The plain-loop modes: SavePoints options of each.
+PLAIN = {
+    "sync": {"async_save": False},
+    "async": {"async_save": True, "snapshot": "eager"},
+    "deferred": {"async_save": True, "snapshot": "deferred"},
+}
 KEEP_LAST = 2
 IN, HIDDEN, OUT, BATCH = 512, 1024, 10, 32
 
@@ -115,14 +123,15 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return events
 
 
-def plain_worker(run: Path, log: Log, async_save: bool) -> None:
+def plain_worker(run: Path, log: Log, options: dict[str, Any]) -> None:
     import torch
 
     from savepoints import Keep, SavePoints
 
     torch.set_num_threads(1)
     model, optimizer = build()
-    with SavePoints(run, keep=Keep(last=KEEP_LAST), async_save=async_save) as points:
+    async_save = options["async_save"]
+    with SavePoints(run, keep=Keep(last=KEEP_LAST), **options) as points:
         step = 0
         if points.latest() is not None:
             step = points.restore(model=model, optimizer=optimizer, fallback=False)["step"]
@@ -278,7 +287,7 @@ def one_trial(mode: str, run: Path, log: Path, max_delay: float, rng: random.Ran
     tally.killed_during_save += bool(open_saves)
     committed = {e["step"] for e in events if e["e"] == "committed"}
     tally.committed_seen = max(tally.committed_seen, len(committed))
-    if mode in ("sync", "async"):
+    if mode in PLAIN:
         for e in mine:
             trained = e["e"] in ("trained", "resumed") and e["step"] > 0
             if trained and e["digest"] != reference(e["step"]):
@@ -374,7 +383,7 @@ def run_trials(mode: str, trials: int, *, base: Path, max_delay: float = 1.0, ch
     """``trials`` SIGKILLs of ``mode`` training, checked after each; returns the tally."""
     rng = random.Random(f"{mode}-{seed}")
     tally = Tally(mode)
-    reference = Reference() if mode in ("sync", "async") else (lambda step: "")
+    reference = Reference() if mode in PLAIN else (lambda step: "")
     started = time.monotonic()
     run_no = 0
     run = log = base
@@ -385,7 +394,7 @@ def run_trials(mode: str, trials: int, *, base: Path, max_delay: float = 1.0, ch
             run, log = base / f"{mode}-{run_no}", base / f"{mode}-{run_no}.log"
             tally.fresh_runs += 1
             done_in_run = 0
-            if mode in ("sync", "async"):
+            if mode in PLAIN:
                 reference = Reference()  # each run starts from step 0
         before = tally.trials
         ok = one_trial(mode, run, log, max_delay, rng, tally, reference)
@@ -432,7 +441,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--modes", nargs="+", choices=MODES, default=["sync", "async"])
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=["sync", "async", "deferred"])
     ap.add_argument("--trials", type=int, default=200, help="trials per mode")
     ap.add_argument("--max-delay", type=float, default=1.0, help="seconds; kill after U(0, this)")
     ap.add_argument("--chain", type=int, default=25, help="trials per run folder")
@@ -446,8 +455,8 @@ def main() -> int:
 
     if args.worker:
         log = Log(Path(args.log))
-        if args.worker in ("sync", "async"):
-            plain_worker(Path(args.run), log, async_save=args.worker == "async")
+        if args.worker in PLAIN:
+            plain_worker(Path(args.run), log, PLAIN[args.worker])
         else:
             trainer_worker(Path(args.run), log, use_savepoints=args.worker == "trainer-savepoints")
         return 0

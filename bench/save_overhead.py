@@ -99,7 +99,7 @@ def main() -> None:
                     if name == "savepoints-nohash":
                         savepoints.staging.StreamHasher = NoHash  # type: ignore[misc]
                     try:
-                        with SavePoints(target) as points:
+                        with SavePoints(target, async_save=False) as points:
                             points.save(1, model=model, optimizer=optimizer, scheduler=scheduler)
                     finally:
                         savepoints.staging.StreamHasher = savepoints.integrity.StreamHasher  # type: ignore[misc]

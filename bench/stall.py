@@ -97,7 +97,7 @@ def main() -> None:
     stall: dict[str, list[float]] = {"hf-trainer": [], "sync": [], "async": []}
     background: list[float] = []
     try:
-        sync_points = SavePoints(base / "sync", keep=Keep(last=1))
+        sync_points = SavePoints(base / "sync", keep=Keep(last=1), async_save=False)
         async_points = SavePoints(base / "async", keep=Keep(last=1), async_save=True)
         first_async = timed(lambda: async_points.save(0, model=model, optimizer=optimizer,
                                                       scheduler=scheduler))  # fmt: skip

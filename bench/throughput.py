@@ -40,7 +40,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {"dd": [], "savepoints": []}
     try:
         # dedup off: every run must really write its bytes, as dd does
-        points = SavePoints(base / "run", keep=Keep(last=1), dedup=False)
+        points = SavePoints(base / "run", keep=Keep(last=1), dedup=False, async_save=False)
         size = 0
         for i in range(1, args.repeats + 1):
             t0 = time.perf_counter()

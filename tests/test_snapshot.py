@@ -14,7 +14,11 @@ from safetensors.torch import load_file
 from savepoints import SavePoints, SnapshotChangedError
 from savepoints.snapshot import HostBuffers
 from savepoints.staging import FileRecorder
-from savepoints.writer import in_worker
+
+
+def in_background() -> bool:
+    """Whether this runs in one of savepoints' background threads (copy or write)."""
+    return threading.current_thread().name.startswith("savepoints-")
 
 
 def make_net(frozen: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -40,7 +44,7 @@ def slow_background_copies(monkeypatch):
     started = threading.Event()
 
     def slow(self, key, tensor):
-        if in_worker():
+        if in_background():
             started.set()
             time.sleep(0.05)
         return copy(self, key, tensor)
@@ -101,7 +105,7 @@ def test_an_edit_between_save_and_the_optimizer_step_is_caught_at_the_step(tmp_p
     copy = HostBuffers.copy
 
     def held(self, key, tensor):  # the background copy cannot start before the edit
-        if in_worker():
+        if in_background():
             release.wait(10)
         return copy(self, key, tensor)
 
@@ -255,3 +259,34 @@ def test_bad_snapshot_choices_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(InvalidArgumentError, match="needs async_save=True"):
         SavePoints(tmp_path / "b", snapshot="deferred", async_save=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_deferred_save_that_fails_at_once_leaves_no_optimizer_step_waiting(tmp_path):
+    from savepoints import UnserializableStateError
+
+    class Odd:
+        def state_dict(self):
+            return {"thing": object()}
+
+    net, opt = make_net()
+    train_step(net, opt)
+    with SavePoints(tmp_path / "run", snapshot="deferred") as points:
+        with pytest.raises(UnserializableStateError):
+            points.save(1, model=net, optimizer=opt, extra={"odd": Odd()})
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (train_step(net, opt), done.set()))
+        worker.start()
+        worker.join(30)
+        assert done.is_set()  # the step did not wait for a copy that will never come
+        points.save(2, model=net, optimizer=opt)
+    assert [p.step for p in SavePoints(tmp_path / "run", readonly=True).list()] == [2]
+
+
+def test_reused_tensors_are_spot_checked_at_exact_positions_even_when_huge():
+    from savepoints.snapshot import _same_sample
+
+    big = torch.zeros(2**25 + 3, dtype=torch.uint8)  # float32 positions would round past it
+    copy = big.clone()
+    assert _same_sample(big, copy)
+    copy[-1] = 1
+    assert not _same_sample(big, copy)

@@ -3,8 +3,9 @@
     python tests/trainer_run.py --tokenizer DIR --run RUN --out W.safetensors [--stop-at K]
 
 Trains a tiny GPT-2 classifier on real tweets (dropout, shuffling, gradient accumulation
-2, warmup) with a SavePointsCallback; resumes from the run's latest save point if it has
-one. Writes the final weights and the logged losses.
+2, warmup; the position embeddings frozen, so incremental snapshots reuse them) with a
+SavePointsCallback; resumes from the run's latest save point if it has one. Writes the
+final weights and the logged losses.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def main() -> None:
             eos_token_id=0,
         )
     )
+    model.transformer.wpe.requires_grad_(False)  # frozen: saved once, never copied again
     training_args = TrainingArguments(
         output_dir=args.run if args.plain else str(Path(args.run).parent / "hf-output"),
         per_device_train_batch_size=4,

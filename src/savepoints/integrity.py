@@ -26,8 +26,9 @@ _READ_CHUNK = 16 * 1024 * 1024
 class StreamHasher:
     """Incremental hash of bytes as they are written."""
 
-    def __init__(self) -> None:
-        self._h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    def __init__(self, threads: int | None = None) -> None:
+        """``threads``: how many threads may hash (None: as many as help)."""
+        self._h = blake3.blake3(max_threads=threads or blake3.blake3.AUTO)
         self.size = 0
 
     def update(self, data: memoryview | bytes) -> None:

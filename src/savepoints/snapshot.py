@@ -318,6 +318,14 @@ class Snapshot:
             self._hold(key, t, buffered=True)
         return "copied"
 
+    def abandon(self) -> None:
+        """The save failed before its background part started: nothing is copied later,
+        and no optimizer step may wait for it."""
+        self.items.clear()
+        self._copied.set()
+        if self.owner._current is self:
+            self.owner._current = None
+
     def _hold(self, key: str, t: torch.Tensor, *, buffered: bool) -> None:
         self.owner._held[key] = _Held(t, t._version, next(self.owner._generations), buffered)
 

@@ -128,7 +128,9 @@ class FileRecorder:
     def _write_tensor_file(
         self, rel: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
     ) -> None:
-        h = StreamHasher()
+        # In the background, one hashing thread (at the writer's low priority): a pool of
+        # hashing threads would compete with training for every core.
+        h = StreamHasher(threads=1 if self.buffered else None)
         size = write_safetensors(self.path(rel), tensors, metadata, hasher=h)
         self.files[rel] = FileEntry(size, h.hexdigest())
 

@@ -54,6 +54,19 @@ log = logging.getLogger("savepoints")
 WriteFn = Callable[[FileRecorder], Contents]
 
 WORKER_PREFIX = "savepoints-save"
+COPY_PREFIX = "savepoints-copy"
+#: How much the background writer yields to training (a nice value added to its thread).
+BACKGROUND_NICENESS = 10
+
+
+def _yield_to_training() -> None:
+    """Lower the calling thread's scheduling priority (Linux: niceness is per thread)."""
+    if sys.platform != "linux":
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
+    except OSError as e:  # a sandbox may refuse it: the save works all the same
+        log.debug("savepoints: could not lower the writer thread's priority: %s", e)
 
 
 def write_components(
@@ -117,6 +130,7 @@ class Writer:
         self._snapshots = Snapshotter(snapshot)
         self._inflight: PendingSave | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._copy_pool: ThreadPoolExecutor | None = None
         #: Step of the save point this run continued from (the last save or restore).
         self.parent: int | None = None
 
@@ -152,20 +166,27 @@ class Writer:
         try:
             staged = self.storage.stage(step)
         except BaseException as e:
+            snap.abandon()
             _raise_clearly(e, self.storage.root, step)
         try:
             rec = FileRecorder(staged.path, snapshot=snap, link=self._linker())
             contents = write(rec)
             snap.taken()
         except BaseException as e:
+            snap.abandon()
             staged.abort()
             _raise_clearly(e, self.storage.root, step)
         parent, self.parent = self.parent, step
+        # The deferred copy runs at normal priority (the next optimizer step may wait for
+        # it); writing and hashing at a lower one (see _executor).
+        copied = self._copier().submit(snap.copy_deferred) if snap.deferred else None
 
         def finish() -> SavePoint:
             try:
-                if snap.buffered:
-                    snap.copy_deferred()
+                if copied is not None:
+                    copied.result()
+                elif snap.buffered:
+                    snap.copy_deferred()  # waits for device copies, spot-checks reuse
                 rec.flush()
                 manifest = Manifest(
                     step=step,
@@ -221,6 +242,9 @@ class Writer:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+            if self._copy_pool is not None:
+                self._copy_pool.shutdown(wait=True)
+                self._copy_pool = None
 
     def _linker(self) -> LinkFn | None:
         """Links a stored blob into a staging folder (for files that did not change)."""
@@ -243,9 +267,19 @@ class Writer:
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
             # One worker: saves commit in order, and the snapshot buffers are reused only
-            # once the save that filled them is written.
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=WORKER_PREFIX)
+            # once the save that filled them is written. It runs at a lower priority:
+            # where cores are few, writing and hashing take the cycles training leaves,
+            # instead of slowing its steps down (and when training waits, it runs at
+            # full speed all the same).
+            self._pool = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=WORKER_PREFIX, initializer=_yield_to_training
+            )
         return self._pool
+
+    def _copier(self) -> ThreadPoolExecutor:
+        if self._copy_pool is None:
+            self._copy_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=COPY_PREFIX)
+        return self._copy_pool
 
 
 def replaces(storage: Storage, step: int, overwrite: bool) -> bool:

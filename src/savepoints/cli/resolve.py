@@ -32,7 +32,9 @@ def open_run(path: Path, *, write: bool = False) -> SavePoints:
     """The run at ``path``: read-only (no lock, nothing created) unless ``write``."""
     if write:
         refuse_point_folder(path)
-    return SavePoints(path, readonly=not write)
+        # A command's saves (import) are committed, or their error said, one by one.
+        return SavePoints(path, async_save=False)
+    return SavePoints(path, readonly=True)
 
 
 def refuse_point_folder(path: Path) -> None:

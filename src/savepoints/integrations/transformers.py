@@ -114,9 +114,11 @@ class SavePointsCallback(TrainerCallback):
     save points in the background (training waits only for the snapshot); the default
     is the SavePoints' own setting (True unless chosen otherwise). ``snapshot``: when the
     tensors are copied (see :mod:`savepoints.snapshot`); when neither this nor the
-    SavePoints chose, ``"deferred"``: the Trainer changes weights and optimizer state
-    only in its optimizer's ``step()``, so the copy runs while the next forward and
-    backward compute, and the step waits for it.
+    SavePoints chose, ``"deferred"`` for a model on a GPU (the Trainer changes weights
+    and optimizer state only in its optimizer's ``step()``, so the copy runs on its own
+    CUDA stream while the next forward and backward compute, and the step waits for it)
+    and ``"eager"`` on a CPU (where the copy would compete with the step for the same
+    cores).
     ``preemption``: while ``train()`` runs, SIGTERM and SIGUSR1 make the Trainer take an
     emergency save point at the end of the current optimizer step and the process exit
     with code 75 (:data:`savepoints.preemption.EXIT_PREEMPTED`); running the script again
@@ -143,8 +145,8 @@ class SavePointsCallback(TrainerCallback):
             points.async_save = async_save
         if snapshot is not None:
             points.snapshot = snapshot
-        elif not points._snapshot_given and points.async_save:
-            points.snapshot = "deferred"
+        # Chosen when training starts, from where the model is (see on_train_begin).
+        self._choose_snapshot = snapshot is None and not points._snapshot_given
         self.state = dict(state or {})
         self.trainer: Any = None
         self._last_eval: tuple[int, dict[str, float]] | None = None
@@ -239,6 +241,14 @@ class SavePointsCallback(TrainerCallback):
                     "before trainer.train().",
                 )
             self.attach(trainer)
+        if self._choose_snapshot:
+            # Measured (BENCHMARKS.md): on a GPU the deferred copy runs on the copy engine
+            # beside the next step (half the stall of an eager one); on a CPU it would
+            # compete with the step for the same cores, and the eager copy, which torch
+            # spreads over all of them, stalls less.
+            model = kwargs.get("model")
+            on_gpu = model is not None and any(p.is_cuda for p in model.parameters())
+            self.points.snapshot = "deferred" if on_gpu else "eager"
         if self.preemption is not None and not self.preemption.installed:
             if threading.current_thread() is threading.main_thread():
                 self.preemption.install()
