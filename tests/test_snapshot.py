@@ -290,3 +290,90 @@ def test_reused_tensors_are_spot_checked_at_exact_positions_even_when_huge():
     assert _same_sample(big, copy)
     copy[-1] = 1
     assert not _same_sample(big, copy)
+
+
+def test_a_reader_thread_never_lets_the_next_save_overwrite_buffers_still_being_written(
+    tmp_path, monkeypatch
+):
+    write = FileRecorder._write_tensor_file
+
+    def slow_disk(self, rel, tensors, metadata):
+        time.sleep(0.05)
+        return write(self, rel, tensors, metadata)
+
+    monkeypatch.setattr(FileRecorder, "_write_tensor_file", slow_disk)
+    net = torch.nn.Linear(64, 64)
+    stop = threading.Event()
+    with SavePoints(tmp_path / "run") as points:
+
+        def reader() -> None:  # a dashboard polling the run
+            while not stop.is_set():
+                points.latest()
+
+        watcher = threading.Thread(target=reader)
+        watcher.start()
+        try:
+            for step in range(1, 7):
+                with torch.no_grad():
+                    net.weight.fill_(step)
+                points.save(step, model=net, rng=False)
+        finally:
+            stop.set()
+            watcher.join()
+    for point in SavePoints(tmp_path / "run", readonly=True).list():
+        assert bool((saved_model(point)["weight"] == point.step).all()), point.step
+
+
+def test_a_schedule_free_optimizer_is_copied_at_once_even_when_deferred(tmp_path):
+    class ScheduleFreeLike(torch.optim.SGD):
+        """Rewrites the weights in train()/eval() through .data, as schedule-free ones do."""
+
+        def eval(self):
+            for p in self.param_groups[0]["params"]:
+                p.data.mul_(0.5)
+
+        def train(self):
+            for p in self.param_groups[0]["params"]:
+                p.data.mul_(2.0)
+
+    net, _ = make_net()
+    opt = ScheduleFreeLike(net.parameters(), lr=0.1)
+    train_step(net, opt)
+    with SavePoints(tmp_path / "run", snapshot="deferred") as points:
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        points.save(1, model=net, optimizer=opt)
+        opt.train()  # what the Trainer calls at the start of the next step
+        train_step(net, opt)
+        point = points.wait()
+        assert len(opt._optimizer_step_pre_hooks) == 0  # not hooked: nothing deferred
+    saved = saved_model(point)
+    assert all(torch.equal(saved[k], before[k]) for k in before)
+
+
+def test_a_synchronous_save_notices_a_frozen_weight_edited_through_data(tmp_path):
+    net, opt = make_net(frozen=True)
+    with SavePoints(tmp_path / "run", async_save=False, layer_shards_above=1) as points:
+        points.save(1, model=net, optimizer=opt)
+        net[0].weight.data.add_(1.0)  # unseen by the version counter
+        point = points.save(2, model=net, optimizer=opt)
+    saved = {}
+    for f in point.path.glob("model-*.safetensors"):
+        saved.update(load_file(f))
+    assert torch.equal(saved["0.weight"], net[0].weight) and point.verify().ok
+
+
+def test_unfreezing_a_reused_weight_right_after_an_eager_save_is_allowed(tmp_path):
+    net, opt = make_net(frozen=True)
+    with SavePoints(tmp_path / "run", snapshot="eager", layer_shards_above=1) as points:
+        points.save(1, model=net, optimizer=opt)
+        points.wait()
+        before = net[0].weight.detach().clone()
+        points.save(2, model=net, optimizer=opt)  # 0.* reused from step 1
+        net[0].requires_grad_(True)
+        with torch.no_grad():
+            net[0].weight.add_(1.0)  # after save() returned: any change is fine in eager mode
+        point = points.wait()
+    saved = {}
+    for f in point.path.glob("model-*.safetensors"):
+        saved.update(load_file(f))
+    assert torch.equal(saved["0.weight"], before)

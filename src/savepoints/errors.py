@@ -305,7 +305,9 @@ class SnapshotChangedError(SavePointsError, RuntimeError):
     something other than the optimizer step it waits for (or, for a tensor reused
     unchanged from the previous snapshot, without autograd's version counter seeing it)."""
 
-    def __init__(self, step: int, tensor: str, why: str, *, committed: bool = False) -> None:
+    def __init__(
+        self, step: int, tensor: str, why: str, *, committed: bool = False, hint: str | None = None
+    ) -> None:
         self.step = step
         self.tensor = tensor
         if committed:
@@ -319,9 +321,13 @@ class SnapshotChangedError(SavePointsError, RuntimeError):
             fix = ""
         super().__init__(
             what,
-            fix + "Change parameters and optimizer state in place only through the "
-            "optimizer's step() after a save (savepoints waits for its copy there), or "
-            "pass snapshot='eager', which copies everything before save() returns.",
+            fix
+            + (
+                hint
+                or "Change parameters and optimizer state in place only through the "
+                "optimizer's step() after a save (savepoints waits for its copy there), or "
+                "pass snapshot='eager', which copies everything before save() returns."
+            ),
         )
 
 

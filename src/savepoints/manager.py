@@ -301,7 +301,7 @@ class SavePoints:
     def wait_pushed(self, timeout: float | None = None) -> builtins.list[int]:
         """Wait up to ``timeout`` seconds for the pushes in flight; return the steps that
         are still only local (empty without a remote). Never raises for a failed push;
-        the save in flight is committed first (and its error raised)."""
+        the save in flight ends first."""
         self._settle()
         return [] if self._tier is None else self._tier.wait(timeout)
 
@@ -367,7 +367,7 @@ class SavePoints:
         """Committed save points, sorted by step. Folders without a valid manifest
         (uncommitted, damaged, or of an unknown format) are left out. With a remote, the
         save points only it holds are listed too (their ``remote`` says so). A save of
-        this process still in flight is waited for first (its error raised here)."""
+        this process still in flight is waited for first."""
         self._settle()
         points = self._local_points()
         if self._tier is not None:
@@ -380,9 +380,10 @@ class SavePoints:
         return points
 
     def _settle(self) -> None:
-        """This process's reads see its own saves: the one in flight is waited for."""
-        if self._writer is not None and not self._closed:
-            self._writer.wait()
+        """This process's reads see its own saves: the one in flight is waited for (its
+        error is left for the next save(), wait() or close(); readers may be threads)."""
+        if isinstance(self._writer, Writer) and not self._closed:
+            self._writer.settle()
 
     def _local_points(self) -> builtins.list[SavePoint]:
         return [SavePoint(folder, manifest) for folder, manifest in self._storage.committed()]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import threading
 import time
 import weakref
@@ -47,6 +48,8 @@ import torch
 
 from savepoints.errors import SnapshotChangedError
 from savepoints.manifest import FileEntry
+
+log = logging.getLogger("savepoints")
 
 SnapshotMode = Literal["eager", "deferred"]
 SNAPSHOT_MODES: tuple[str, ...] = ("eager", "deferred")
@@ -63,7 +66,7 @@ class HostBuffers:
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
-        self._cuda = False
+        self._devices: set[torch.device] = set()
 
     def get(self, key: str) -> torch.Tensor:
         return self._buffers[key]
@@ -81,18 +84,28 @@ class HostBuffers:
             self._buffers[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
         buf = self._buffers[key]
         buf.copy_(t, non_blocking=t.is_cuda)
-        self._cuda = self._cuda or t.is_cuda
+        if t.is_cuda:
+            self._devices.add(t.device)
         return buf
+
+    @property
+    def devices(self) -> set[torch.device]:
+        return set(self._devices)
 
     @property
     def on_device(self) -> bool:
         """Whether copies from a GPU were made (they may still be in flight)."""
-        return self._cuda
+        return bool(self._devices)
 
     def synchronize(self) -> None:
-        """Wait for device-to-host copies still in flight."""
-        if self._cuda:
-            torch.cuda.synchronize()
+        """Wait for device-to-host copies still in flight, on every GPU copied from."""
+        for device in self._devices:
+            torch.cuda.synchronize(device)
+
+    def clear(self) -> None:
+        """Give the memory back (the next save allocates again)."""
+        self._buffers.clear()
+        self._devices.clear()
 
     @property
     def nbytes(self) -> int:
@@ -127,16 +140,20 @@ class _Held:
     version: int
     generation: int
     buffered: bool  # whether the host buffer holds the copy (asynchronous saves)
+    #: A spread sample of its elements when it was written (synchronous saves, which
+    #: have no host copy to compare with).
+    sample: torch.Tensor | None = None
 
 
 class _Item:
-    __slots__ = ("key", "optimizer", "source", "version")
+    __slots__ = ("key", "optimizer", "sample", "source", "version")
 
     def __init__(self, key: str, source: torch.Tensor, optimizer: int | None = None) -> None:
         self.key = key
         self.source = source
         self.version = source._version
         self.optimizer = optimizer
+        self.sample: torch.Tensor | None = None
 
     @property
     def changed(self) -> bool:
@@ -179,6 +196,7 @@ class Snapshotter:
         self._hooks.clear()
         self._held.clear()
         self._files.clear()
+        self.buffers.clear()
         self._current = None
 
     # ------------------------------------------------------------------ internals
@@ -197,9 +215,9 @@ class Snapshotter:
         # A dead optimizer's hook goes with it; forget its handle then.
         weakref.finalize(optimizer, self._hooks.pop, id(optimizer), None)
 
-    def copy_stream(self) -> Any:
-        if self._stream is None:
-            self._stream = torch.cuda.Stream()
+    def copy_stream(self, device: torch.device) -> Any:
+        if self._stream is None or self._stream.device != device:
+            self._stream = torch.cuda.Stream(device=device)
         return self._stream
 
     def reusable_file(self, rel: str, keys: Iterable[str]) -> FileEntry | None:
@@ -241,6 +259,8 @@ class Snapshot:
         self.buffered = buffered
         self.deferred = deferred
         self._owned: dict[int, int] = {}  # data_ptr -> id(optimizer)
+        self._deferrable: set[int] = set()  # ids of the optimizers hooked for this save
+        self._device: torch.device | None = None  # the GPU of the deferred copies
         self._frozen: set[int] = set()
         #: Tensors copied in the background (deferred), the optimizers' first.
         self.items: list[_Item] = []
@@ -250,6 +270,7 @@ class Snapshot:
         self._copy_event: Any = None
         self._ready_event: Any = None
         self._eager_event: Any = None
+        self._sampled_on_device = False
         self._lock = threading.Lock()
         self._failure: SnapshotChangedError | None = None
         self._found = False
@@ -264,11 +285,10 @@ class Snapshot:
     # ------------------------------------------------------------------ at save()
 
     def declare(self, model: torch.nn.Module | None, optimizers: Iterable[Any]) -> None:
-        """Which tensors the hooked optimizers own (deferred) and which are frozen."""
+        """Which tensors the passed optimizers own (deferred: copied later, when the
+        optimizer can be hooked) and which are frozen (reused when unchanged)."""
         opts = [o for o in (torch_optimizer(x) for x in optimizers) if o is not None]
         for opt in opts:
-            if self.deferred:
-                self.owner.hook(opt)
             for group in opt.param_groups:
                 for p in group["params"]:
                     self._owned[p.data_ptr()] = id(opt)
@@ -279,9 +299,23 @@ class Snapshot:
             for p in model.parameters():
                 if not p.requires_grad and p.numel() > 0 and p.data_ptr() not in self._owned:
                     self._frozen.add(p.data_ptr())
-        if self.deferred and any(p.is_cuda for p in _params(opts)):
-            # The copy stream starts after everything queued before save().
-            self._ready_event = torch.cuda.current_stream().record_event()
+        if not self.deferred:
+            return
+        # Schedule-free optimizers rewrite the weights in train()/eval() (through .data,
+        # unseen by version counters), outside step(): what they own is copied at once.
+        hookable = [o for o in opts if not callable(getattr(o, "train", None))
+                    and not callable(getattr(o, "eval", None))]  # fmt: skip
+        devices = {p.device for p in _params(hookable)}
+        if len(devices) > 1:
+            hookable = []  # weights over several devices (device_map): copied at once
+        for opt in hookable:
+            self.owner.hook(opt)
+            self._deferrable.add(id(opt))
+        device = next(iter(devices), None) if hookable else None
+        if device is not None and device.type == "cuda":
+            # The copy stream starts after everything queued before save() on it.
+            self._device = device
+            self._ready_event = torch.cuda.current_stream(device).record_event()
 
     def take(self, key: str, tensor: torch.Tensor) -> str:
         """Take one tensor: ``"reused"`` (unchanged frozen tensor: nothing to do),
@@ -300,17 +334,27 @@ class Snapshot:
                 and held.source.dtype == t.dtype
                 and (held.buffered or not self.buffered)
                 and (not self.buffered or self.owner.buffers.holds(key, t))
+                # A synchronous save has no copy to compare with in the background:
+                # its sample of the elements is compared now (edits through .data).
+                and (self.buffered or _same(held.sample, _sample(t)))
             ):
-                self.reused.append(_Item(key, t))
+                item = _Item(key, t)
+                if self.buffered:
+                    # Picked now, in stream order: what the tensor holds at save(),
+                    # compared with its copy in the background.
+                    item.sample = _pick(t)
+                    self._sampled_on_device = self._sampled_on_device or t.is_cuda
+                self.reused.append(item)
                 self.reused_bytes += t.numel() * t.element_size()
                 return "reused"
-        if self.deferred and ptr and ptr in self._owned:
+        if self.deferred and ptr and self._owned.get(ptr) in self._deferrable:
             self.owner.forget(key)
             self.items.append(_Item(key, t, self._owned[ptr]))
             return "deferred"
         if not self.buffered:
             if ptr in self._frozen:
                 self._hold(key, t, buffered=False)
+                self.owner._held[key].sample = _sample(t)
             return "live"
         self.owner.forget(key)
         self.owner.buffers.copy(key, t)
@@ -334,12 +378,15 @@ class Snapshot:
         for here (eager: copied when ``save()`` returns), or by the background through an
         event (deferred: training is not held up for them)."""
         buffers = self.owner.buffers
-        if not self.buffered or not buffers.on_device:
+        if not self.buffered or not (buffers.on_device or self._sampled_on_device):
             return
-        if self.deferred:
-            self._eager_event = torch.cuda.current_stream().record_event()
+        if self.deferred and self._device is not None and buffers.devices <= {self._device}:
+            # Covers the eager copies and the samples of reused tensors queued so far.
+            self._eager_event = torch.cuda.current_stream(self._device).record_event()
         else:
             buffers.synchronize()
+            if self._sampled_on_device:
+                torch.cuda.synchronize()  # the samples of reused tensors (small)
 
     # ------------------------------------------------------------------ background
 
@@ -354,20 +401,18 @@ class Snapshot:
         step's pre-hook has checked them, and only without a step are they checked
         again once the copies are complete."""
         buffers = self.owner.buffers
-        if self._eager_event is not None:
-            self._eager_event.synchronize()
         started = time.perf_counter()
         stream = None
         try:
-            if self._ready_event is not None:
-                stream = self.owner.copy_stream()
+            if self._eager_event is not None:
+                self._eager_event.synchronize()
+            if self._ready_event is not None and self._device is not None:
+                stream = self.owner.copy_stream(self._device)
                 stream.wait_event(self._ready_event)
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            with _on_stream(stream):
                 for item in self.items:
                     buffers.copy(item.key, item.source)
-                    self._check(
-                        [item], "was changed in place after save() returned, before its copy ended"
-                    )
+                    self._check([item], _BEFORE_COPY_ENDED)
                 if stream is not None:
                     self._copy_event = stream.record_event()
         finally:
@@ -377,14 +422,15 @@ class Snapshot:
         self.deferred_seconds = time.perf_counter() - started
         self.deferred_bytes = sum(i.source.numel() * i.source.element_size() for i in self.items)
         with self._lock:
-            unchecked = [] if self._stepped else self.items
-        self._check(unchecked, "was changed in place after save() returned, before its copy ended")
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            unchecked = [i for i in self.items if i.optimizer not in self._stepped]
+        self._check(unchecked, _BEFORE_COPY_ENDED)
+        with _on_stream(stream):
             for item in self.reused:
-                if not _same_sample(item.source, buffers.get(item.key)):
+                # The sample was picked at save(): a change made since does not matter.
+                picked = None if item.sample is None else item.sample.cpu()
+                if not _same(picked, _sample(buffers.get(item.key))):
                     self.owner.forget(item.key)  # the next save copies it again
-                    self._fail(item, "changed without autograd seeing it (an edit "
-                               "through .data, or an extension writing its memory?)")  # fmt: skip
+                    self._fail(item, _UNSEEN, hint=_UNSEEN_HINT)
         self._raise_failure()
 
     def before_commit(self) -> None:
@@ -402,7 +448,7 @@ class Snapshot:
             return
         self._copied.wait()
         if self._copy_event is not None:
-            torch.cuda.current_stream().wait_event(self._copy_event)
+            torch.cuda.current_stream(self._device).wait_event(self._copy_event)
         with self._lock:
             changed = [i for i in self.items if i.optimizer == oid and i.changed]
             self._stepped.add(oid)
@@ -415,19 +461,21 @@ class Snapshot:
                 self._fail(item, when)
                 self._raise_failure()
 
-    def _fail(self, item: _Item, why: str) -> None:
+    def _fail(self, item: _Item, why: str, hint: str | None = None) -> None:
         """Record the first change found: before the commit it fails this save; after,
-        it is reported by the next ``save()`` or ``wait()``."""
+        it is logged at once and raised by the next ``save()`` or ``wait()``."""
         with self._lock:
             if self._found:
                 return
             self._found = True
             name = display_name(item.key)
             if not self._committing:
-                self._failure = SnapshotChangedError(self.step, name, why)
+                self._failure = SnapshotChangedError(self.step, name, why, hint=hint)
                 return
+        late = SnapshotChangedError(self.step, name, why, committed=True, hint=hint)
+        log.error("savepoints: %s", late)
         with self.owner._lock:
-            self.owner._late.append(SnapshotChangedError(self.step, name, why, committed=True))
+            self.owner._late.append(late)
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
@@ -440,13 +488,46 @@ def _params(opts: Iterable[torch.optim.Optimizer]) -> Iterable[torch.Tensor]:
             yield from group["params"]
 
 
-def _same_sample(live: torch.Tensor, copy: torch.Tensor) -> bool:
-    """Whether ``live`` and ``copy`` hold the same bytes at a spread sample of elements."""
-    n = live.numel()
+_BEFORE_COPY_ENDED = "was changed in place after save() returned, before its copy ended"
+_UNSEEN = "changed without autograd seeing it (an edit through .data, or an extension "
+_UNSEEN += "writing its memory?)"
+_UNSEEN_HINT = (
+    "Save again: the next save copies it in full. Change frozen weights through "
+    "autograd-visible operations (under torch.no_grad(), not through .data) to keep "
+    "incremental saves exact."
+)
+
+
+def _on_stream(stream: Any) -> contextlib.AbstractContextManager[Any]:
+    """Run on ``stream``, on its device (no stream: as is)."""
+    if stream is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.cuda.device(stream.device))
+    stack.enter_context(torch.cuda.stream(stream))
+    return stack
+
+
+def _pick(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a spread sample of ``t``'s elements (first and last included), where
+    ``t`` is (on a GPU: queued on the current stream, no wait)."""
+    n = t.numel()
     if n == 0:
-        return True
+        return torch.empty(0, dtype=torch.uint8)
     k = min(n, _SAMPLE)
     idx = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)  # exact integers
-    a = live.reshape(-1).index_select(0, idx.to(live.device)).cpu()
-    b = copy.reshape(-1).index_select(0, idx)
-    return bool(torch.equal(a.view(torch.uint8), b.view(torch.uint8)))
+    return t.detach().reshape(-1).index_select(0, idx.to(t.device)).view(torch.uint8)
+
+
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    """:func:`_pick`, on the CPU."""
+    return _pick(t).cpu()
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    return a is not None and torch.equal(a, b)
+
+
+def _same_sample(live: torch.Tensor, copy: torch.Tensor) -> bool:
+    """Whether ``live`` and ``copy`` hold the same bytes at a spread sample of elements."""
+    return _same(_sample(copy), _sample(live))

@@ -24,7 +24,8 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
@@ -129,6 +130,10 @@ class Writer:
         self._after_commit = after_commit
         self._snapshots = Snapshotter(snapshot)
         self._inflight: PendingSave | None = None
+        #: The last save handed to the background, whoever waited for it: a new save
+        #: never starts (and reuses the host buffers) before it has ended.
+        self._last: Future[SavePoint] | None = None
+        self._wait_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._copy_pool: ThreadPoolExecutor | None = None
         #: Step of the save point this run continued from (the last save or restore).
@@ -159,6 +164,8 @@ class Writer:
         """Run ``write`` into a staged folder and commit it. Synchronous: everything
         happens here. Asynchronous: ``write`` only snapshots; the rest runs in the
         background and a :class:`PendingSave` is returned at once."""
+        if self._last is not None:
+            futures_wait([self._last])  # its error is raised by wait(), not here
         started = time.perf_counter()
         preempted = preemption_request()
         replace = replaces(self.storage, step, overwrite)
@@ -219,7 +226,8 @@ class Writer:
 
         if not snap.buffered:
             return finish()
-        self._inflight = PendingSave(step, staged.final, self._executor().submit(finish))
+        self._last = self._executor().submit(finish)
+        self._inflight = PendingSave(step, staged.final, self._last)
         _WITH_SAVES_IN_FLIGHT.add(self)
         return self._inflight
 
@@ -227,11 +235,19 @@ class Writer:
         """Block until the save in flight is committed; raise its error, once."""
         if in_worker():
             return None  # called from the save itself (retention): never wait for oneself
-        pending, self._inflight = self._inflight, None
+        with self._wait_lock:  # one caller takes the save (and its error)
+            pending, self._inflight = self._inflight, None
         point = None if pending is None else pending.result()
         for late in self._snapshots.late_failures():
             raise late  # found at an optimizer step after the save was committed
         return point
+
+    def settle(self) -> None:
+        """Wait until the save in flight has ended, without taking its result: its error
+        stays for the next ``save()``, ``wait()`` or ``close()``. For readers, any thread."""
+        last = self._last
+        if last is not None and not in_worker():
+            futures_wait([last])
 
     def close(self) -> None:
         """Finish the save in flight (raising its error), then stop the thread."""
