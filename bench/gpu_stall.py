@@ -74,7 +74,7 @@ def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
     return found
 
 
-def check_deferred(model, optimizer, step, run: Path) -> None:
+def check_deferred(model, optimizer, step, run: Path, ids: torch.Tensor) -> None:
     """Before timing anything: a deferred save followed at once by a step holds the
     weights of the moment of save(), bit for bit; an in-place edit fails loudly."""
     from savepoints import SnapshotChangedError
@@ -100,7 +100,32 @@ def check_deferred(model, optimizer, step, run: Path) -> None:
         except SnapshotChangedError as e:
             print(f"check: in-place edit detected: {e.tensor}")
     shutil.rmtree(run)
-    if not same or not changed:
+    # Incremental: a frozen embedding is reused (not copied) by the second save.
+    embed = model.get_input_embeddings().weight
+    embed.requires_grad_(False)
+    head_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def head_step() -> None:
+        model(ids, labels=ids).loss.backward()
+        head_opt.step()
+        head_opt.zero_grad(set_to_none=True)
+
+    with SavePoints(run, snapshot="deferred") as points:
+        points.save(1, model=model, optimizer=head_opt)
+        head_step()
+        points.wait()
+        points.save(2, model=model, optimizer=head_opt)
+        head_step()
+        point = points.wait()
+        snap = points._writer._snapshots._current
+        reused = 0 if snap is None else snap.reused_bytes
+        saved = saved_weights(point.path)
+        exact = torch.equal(saved["model.embed_tokens.weight"], embed.detach().cpu())
+        print(f"check: frozen embedding reused ({reused / 1e6:.1f} MB not copied), "
+              f"saved exactly: {exact}; verify: {point.verify().ok}")  # fmt: skip
+    embed.requires_grad_(True)
+    shutil.rmtree(run)
+    if not same or not changed or not exact:
         raise SystemExit("deferred snapshot check failed")
 
 
@@ -139,7 +164,7 @@ def main() -> None:
         for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)
     )  # fmt: skip
     base = Path(tempfile.mkdtemp(prefix="sp-gpu-", dir=args.dir))
-    check_deferred(model, optimizer, step, base / "check")
+    check_deferred(model, optimizer, step, base / "check", ids)
 
     def window(save=None) -> tuple[float, float]:
         """Seconds of step + (save) + step, and of the save() call alone."""
