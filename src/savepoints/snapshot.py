@@ -262,7 +262,7 @@ class Snapshot:
         self._deferrable: set[int] = set()  # ids of the optimizers hooked for this save
         self._device: torch.device | None = None  # the GPU of the deferred copies
         self._frozen: set[int] = set()
-        #: Tensors copied in the background (deferred), the optimizers' first.
+        #: Tensors copied in the background (deferred): what hooked optimizers own.
         self.items: list[_Item] = []
         #: Frozen tensors taken unchanged from the previous snapshot (no copy).
         self.reused: list[_Item] = []
