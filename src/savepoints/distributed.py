@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -43,6 +44,7 @@ from savepoints.errors import (
     RanksError,
     RanksTimeoutError,
 )
+from savepoints.journal import Journal
 from savepoints.layout import MANIFEST_NAME
 from savepoints.manifest import (
     Contents,
@@ -57,7 +59,7 @@ from savepoints.preemption import preemption_request
 from savepoints.savepoint import SavePoint
 from savepoints.staging import FileRecorder
 from savepoints.storage import Storage
-from savepoints.writer import clear_error, replaces, versions
+from savepoints.writer import clear_error, new_bytes, record_save, replaces, versions
 
 log = logging.getLogger("savepoints")
 
@@ -258,8 +260,10 @@ class RankWriter:
         *,
         keep_record: Callable[[], dict[str, Any]],
         after_commit: Callable[[int], None],
+        journal: Journal | None = None,
     ) -> None:
         self.storage = storage
+        self.journal = journal
         self.ranks = ranks
         self._keep_record = keep_record
         self._after_commit = after_commit
@@ -282,6 +286,7 @@ class RankWriter:
         overwrite: bool,
     ) -> SavePoint:
         ranks = self.ranks
+        started = time.perf_counter()
         during = f"save(step={step})"
         ranks.agree("the step", step, during)
         staged = None
@@ -322,7 +327,14 @@ class RankWriter:
                     )
                     # What other ranks sent is checked as any reader would, before it counts.
                     parse_manifest(manifest.to_json(), staged.final / MANIFEST_NAME)
+                    added = new_bytes(self.storage, manifest.files)
                     self.storage.commit(staged, manifest, replace=replace)
+                    if self.journal is not None:
+                        record_save(
+                            self.journal, manifest, new_bytes=added,
+                            stall=time.perf_counter() - started, background=0.0,
+                            mode=f"{ranks.world} ranks", snapshot="eager", replaced=replace,
+                        )  # fmt: skip
                 except BaseException as e:
                     failure = clear_error(e, self.storage.root, step)
             ranks.vote(failure, f"{during}, committing")

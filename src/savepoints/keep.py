@@ -118,6 +118,22 @@ def select(points: Sequence[PointInfo], keep: Keep) -> set[int]:
     return kept
 
 
+def deletion_rule(keep: Keep) -> str:
+    """Why retention deletes a save point, in words: every rule it falls outside of."""
+    parts = []
+    if keep.last is not None:
+        parts.append(f"not among the last {keep.last}")
+    if keep.metric:
+        best = max(keep.best or 0, 1)
+        among = "the best" if best == 1 else f"the {best} best"
+        parts.append(f"not {among} by {keep.metric} ({keep.mode})")
+    if keep.every is not None:
+        parts.append(f"step not a multiple of {keep.every}")
+    if keep.keep_tagged:
+        parts.append("not tagged")
+    return ", ".join(parts) + ", not the newest"
+
+
 def to_delete(points: Sequence[PointInfo], keep: Keep) -> list[int]:
     """Steps that retention deletes, oldest first."""
     kept = select(points, keep)

@@ -7,6 +7,7 @@ A run folder holds::
     .savepoints/            private: never a save point
         lock                held (flock) by the one process writing the run
         preempted.json      left by a preempted exit until the run is next opened to write
+        journal.jsonl       what happened to the run, one JSON object a line (journal.py)
         staging/            save points being written; anything here is uncommitted
         trash/              save points being deleted (renamed here first, so a crash
                             mid-delete never leaves a half-deleted folder in the run),
@@ -81,6 +82,11 @@ class RunLayout:
     def preempted(self) -> Path:
         """The mark a preempted exit leaves for schedulers and wrappers (JSON)."""
         return self.private / "preempted.json"
+
+    @property
+    def journal(self) -> Path:
+        """The run journal: saves, retention, restores, logged metrics (append-only)."""
+        return self.private / "journal.jsonl"
 
     def point_dir(self, step: int) -> Path:
         return self.root / folder_name(step)

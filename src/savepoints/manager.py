@@ -39,6 +39,7 @@ from savepoints.errors import (
     TagInUseError,
 )
 from savepoints.integrity import Problem, VerifyReport, verify, verify_point, verify_run
+from savepoints.journal import Journal, session_fields
 from savepoints.keep import Keep, Mode, PointInfo
 from savepoints.layout import MANIFEST_NAME
 from savepoints.restore import restore_into
@@ -169,6 +170,8 @@ class SavePoints:
         self._tier: RemoteTier | None = None
         self._retention_lock = threading.Lock()
         self._listeners: builtins.list[Callable[[int], None]] = []
+        #: The run journal (journal.py): written by the process that writes the run.
+        self._journal: Journal | None = None
         # A run opened read-only is read by this process alone (to list it, or restore
         # into one rank's objects): only a writable run makes calls collective.
         self._ranks = None if readonly else Ranks.detect(timeout)
@@ -206,11 +209,14 @@ class SavePoints:
                 except BaseException as e:
                     failure = e
             self._ranks.vote(failure, f"opening the run {self.path}")
+            if self._ranks.is_main:
+                self._open_journal()
             self._writer = RankWriter(
                 self._storage,
                 self._ranks,
                 keep_record=lambda: dataclasses.asdict(self.keep),
                 after_commit=self._committed,
+                journal=self._journal,
             )
             return
         self._storage.open_for_writing()
@@ -220,13 +226,22 @@ class SavePoints:
             except BaseException:
                 self._storage.close()
                 raise
+        self._open_journal()
         self._writer = Writer(
             self._storage,
             async_save=self._async_save,
             snapshot=self._snapshot,
             keep_record=lambda: dataclasses.asdict(self.keep),
             after_commit=self._committed,
+            journal=self._journal,
         )
+
+    def _open_journal(self) -> None:
+        self._journal = Journal(self.path)
+        self._journal.record(
+            "open", **session_fields(), version=__version__, remote=self.remote,
+            ranks=None if self._ranks is None else self._ranks.world,
+        )  # fmt: skip
 
     def _open_remote(
         self, remote: str | os.PathLike[str], options: Mapping[str, Any] | None, *,
@@ -243,6 +258,23 @@ class SavePoints:
             tier.catch_up()  # what a previous process committed but did not push
         return tier
 
+    @property
+    def journal(self) -> Journal | None:
+        """The run journal this process writes (``RUN/.savepoints/journal.jsonl``); None
+        for a run opened read-only, and on ranks other than 0. Read it with
+        :func:`savepoints.journal.read_journal` or ``savepoints log RUN``."""
+        return self._journal
+
+    def log(self, step: int, metrics: Mapping[str, float] | None = None, **values: float) -> None:
+        """Record metrics a training loop logged at ``step`` (a loss every N steps, an
+        evaluation) in the run journal: ``savepoints report`` draws them as curves, with
+        the save points marked on them. Cheap (one appended line); a no-op on a read-only
+        run and on ranks other than 0."""
+        step = check_step(step)
+        clean = check_metrics({**(metrics or {}), **values})
+        if self._journal is not None and clean:
+            self._journal.record("log", step=step, values=clean)
+
     def on_commit(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(step)`` after each save point this process commits (in the
         thread that committed it: the background one for asynchronous saves). A listener
@@ -257,6 +289,10 @@ class SavePoints:
             except Exception as e:
                 log.warning("savepoints: a commit listener failed: %s", e)
         self._apply_retention()
+        if self._journal is not None:
+            used = self._storage.usage([(p.step, p.path, p.manifest) for p in self._local_points()])
+            self._journal.record("storage", step=step, logical=used.logical,
+                                 physical=used.physical, points=len(used.unique))  # fmt: skip
         if self._tier is not None:
             self._tier.submit(step)
 
@@ -285,6 +321,9 @@ class SavePoints:
                 if self._tier is not None and not self._closed and not self._tier.stopped:
                     self._tier.close()
             finally:
+                if self._journal is not None and not self._closed:
+                    self._journal.record("close")
+                    self._journal.close()
                 self._storage.close()
                 self._closed = True
 
@@ -481,7 +520,10 @@ class SavePoints:
             raise TagInUseError(self.path, clean, holder.step)
         if clean in point.tags:
             return point
-        return self._rewrite_tags(point, (*point.tags, clean))
+        tagged = self._rewrite_tags(point, (*point.tags, clean))
+        if self._journal is not None:
+            self._journal.record("tag", step=point.step, tag=clean)
+        return tagged
 
     def untag(self, step: int | str, name: str) -> SavePoint:
         """Remove tag ``name`` from a save point (retention may then delete it)."""
@@ -494,6 +536,8 @@ class SavePoints:
                 "Check the name with `savepoints list RUN`.",
             )
         updated = self._rewrite_tags(point, tuple(t for t in point.tags if t != name))
+        if self._journal is not None:
+            self._journal.record("untag", step=point.step, tag=name)
         self._apply_retention()
         return updated
 
@@ -638,6 +682,9 @@ class SavePoints:
             log.info("savepoints: retention deletes step %d of %s", step, self.path)
             try:
                 self._storage.delete(step)
+                if self._journal is not None:
+                    self._journal.record("retention", step=step, rule=keep_mod.deletion_rule(
+                        self.keep), keep=dataclasses.asdict(self.keep))  # fmt: skip
             except OSError as e:
                 # A failed delete must not fail the save that triggered it: the new save
                 # point is committed already. The next retention pass tries again.
@@ -678,6 +725,8 @@ class SavePoints:
             self._storage.delete(point.step)
             log.info("savepoints: deleted step %d of %s", point.step, self.path)
             self._storage.collect()
+        if self._journal is not None:
+            self._journal.record("delete", step=point.step)
 
     # ---------------------------------------------------------------- restoring
 
@@ -706,8 +755,7 @@ class SavePoints:
             point = self._resolve_together(savepoint, verify, fallback)
             restore_into(point, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng,
                          extra=extra, ranks=self._ranks)  # fmt: skip
-            if self._writer is not None:
-                self._writer.parent = point.step
+            self._restored(point)
             return point.state
         point = self._resolve(savepoint)
         if verify:
@@ -718,9 +766,14 @@ class SavePoints:
                 report.raise_if_failed()
         restore_into(point, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng,
                      extra=extra, rank=self._rank)  # fmt: skip
-        if self._writer is not None:
-            self._writer.parent = point.step
+        self._restored(point)
         return point.state
+
+    def _restored(self, point: SavePoint) -> None:
+        if self._writer is not None:
+            self._writer.parent = point.step  # the next save point's parent
+        if self._journal is not None:
+            self._journal.record("restore", step=point.step, pid=os.getpid())
 
     def _resolve_together(
         self, savepoint: SavePoint | int | str | os.PathLike[str] | None, verify: bool,

@@ -273,6 +273,10 @@ class Preemption:
             ranks = getattr(points, "ranks", None)
             if ranks is None or ranks.is_main:
                 self._leave_mark(points.path, step, _request or what)
+            journal = getattr(points, "journal", None)
+            if journal is not None:
+                journal.record("preempted", step=step, signal=_request or what,
+                               exit_code=self.exit_code)  # fmt: skip
         self._cancel_watchdog()
         self._exiting = True
         where = f" at step {step}" if step is not None else ""

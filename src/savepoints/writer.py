@@ -39,6 +39,7 @@ from savepoints.errors import (
     SavePointExistsError,
     SavePointsError,
 )
+from savepoints.journal import Journal
 from savepoints.manifest import Contents, FileEntry, Manifest
 from savepoints.preemption import preemption_request
 from savepoints.savepoint import PendingSave, SavePoint
@@ -123,8 +124,10 @@ class Writer:
         snapshot: SnapshotMode = "eager",
         keep_record: Callable[[], dict[str, Any]],
         after_commit: Callable[[int], None],
+        journal: Journal | None = None,
     ) -> None:
         self.storage = storage
+        self.journal = journal
         self.async_save = async_save
         self._keep_record = keep_record
         self._after_commit = after_commit
@@ -187,8 +190,11 @@ class Writer:
         # The deferred copy runs at normal priority (the next optimizer step may wait for
         # it); writing and hashing at a lower one (see _executor).
         copied = self._copier().submit(snap.copy_deferred) if snap.deferred else None
+        # How long the caller waited (filled in before the background starts, for async).
+        stalled: list[float] = []
 
         def finish() -> SavePoint:
+            began = time.perf_counter()
             try:
                 if copied is not None:
                     copied.result()
@@ -209,14 +215,26 @@ class Writer:
                     preempted=preempted,
                 )
                 snap.before_commit()
+                new = new_bytes(self.storage, manifest.files)
                 self.storage.commit(staged, manifest, replace=replace)
             except BaseException as e:
                 staged.abort()
+                if self.journal is not None:
+                    self.journal.record("save_failed", step=step, error=str(e)[:500])
                 if self.async_save:
                     # Never silent: logged now, raised again by the next save/wait/close.
                     log.error("savepoints: saving step %d in the background failed: %s", step, e)
                 _raise_clearly(e, self.storage.root, step)
             point = SavePoint(staged.final, manifest)
+            if self.journal is not None:
+                ended = time.perf_counter()
+                record_save(
+                    self.journal, manifest, new_bytes=new,
+                    stall=stalled[0] if stalled else ended - started,
+                    background=ended - began if stalled else 0.0,
+                    mode="async" if stalled else "sync",
+                    snapshot="deferred" if snap.deferred else "eager", replaced=replace,
+                )  # fmt: skip
             log.info(
                 "savepoints: committed step %d (%.1f MB in %.2f s) at %s",
                 step, point.size / 1e6, time.perf_counter() - started, staged.final,
@@ -226,6 +244,7 @@ class Writer:
 
         if not snap.buffered:
             return finish()
+        stalled.append(time.perf_counter() - started)
         self._last = self._executor().submit(finish)
         self._inflight = PendingSave(step, staged.final, self._last)
         _WITH_SAVES_IN_FLIGHT.add(self)
@@ -306,6 +325,35 @@ def replaces(storage: Storage, step: int, overwrite: bool) -> bool:
     if overwrite:
         return True
     raise SavePointExistsError(storage.point_dir(step), step, committed=found == "committed")
+
+
+def new_bytes(storage: Storage, files: Mapping[str, FileEntry]) -> int:
+    """Bytes of ``files`` the run does not hold yet (what a commit adds to the disk)."""
+    blob_path = getattr(storage, "blob_path", None)
+    seen: set[str] = set()
+    new = 0
+    for entry in files.values():
+        if entry.hash in seen:
+            continue
+        seen.add(entry.hash)
+        blob = None if blob_path is None else blob_path(entry.hash)
+        if blob is None or not blob.exists():
+            new += entry.size
+    return new
+
+
+def record_save(
+    journal: Journal, manifest: Manifest, *, new_bytes: int, stall: float, background: float,
+    mode: str, snapshot: str, replaced: bool,
+) -> None:  # fmt: skip
+    """The journal's line for a committed save point."""
+    journal.record(
+        "save", step=manifest.step, metrics=manifest.metrics, tags=list(manifest.tags),
+        size=manifest.total_size, files=len(manifest.files), new_bytes=new_bytes,
+        stall_s=round(stall, 4), background_s=round(background, 4), mode=mode,
+        snapshot=snapshot, parent=manifest.parent, preempted=manifest.preempted,
+        replaced=replaced,
+    )  # fmt: skip
 
 
 def in_worker() -> bool:

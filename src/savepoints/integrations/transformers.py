@@ -286,6 +286,9 @@ class SavePointsCallback(TrainerCallback):
             self._last_eval = (state.global_step, _numeric(metrics))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        if logs:
+            # The Trainer's log_history, line by line: the report's curves.
+            self.points.log(state.global_step, _numeric(logs))
         if logs and "loss" in logs:
             self._last_log = (state.global_step, _numeric(logs))
 

@@ -1,0 +1,171 @@
+"""The run journal: what happened to a run, one JSON object a line, append-only.
+
+``RUN/.savepoints/journal.jsonl`` is written by the process that holds the run's write
+lock (rank 0 under torch.distributed): every save (step, metrics, sizes, new bytes, how
+long training stalled and how long the background took), every retention decision and
+delete with the rule behind it, tags, restores, preemptions, and the metrics a training
+loop logs (the Trainer's ``log_history``, ``SavePoints.log()``). The report draws its
+curves and markers from it; ``savepoints log RUN`` prints it.
+
+Each line is written with one ``write`` on a file opened ``O_APPEND`` and fsynced, so a
+reader (any process, any time, without the lock) sees whole lines only, except a last
+line a crash cut short: readers ignore a line without its newline and any line that is
+not a JSON object, and the next writer starts on a fresh line. The journal is a record,
+never a source of truth: a save point exists when its manifest does, whatever the journal
+says, and a journal that cannot be written costs a warning, never a save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from savepoints.layout import RunLayout
+
+log = logging.getLogger("savepoints")
+
+#: Every kind of line, and what it means (``savepoints log`` shows these words).
+EVENTS: dict[str, str] = {
+    "open": "a process opened the run to write",
+    "save": "a save point was committed",
+    "save_failed": "a save failed; nothing of it is visible",
+    "retention": "retention deleted a save point",
+    "delete": "a save point was deleted by hand",
+    "tag": "a tag was added",
+    "untag": "a tag was removed",
+    "restore": "a save point was loaded into live objects (a resume when training goes on)",
+    "preempted": "the process stopped on a preemption request, after an emergency save",
+    "log": "metrics logged by the training loop",
+    "storage": "bytes on disk after a save and its retention",
+    "close": "the process closed the run",
+}
+
+
+def _clean(value: Any) -> Any:
+    """JSON for the journal: non-finite floats become None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if hasattr(value, "item"):  # a numpy or torch scalar
+        return _clean(value.item())
+    return str(value)
+
+
+class Journal:
+    """Appends events to one run's journal. Thread-safe; one per process and run."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = RunLayout(root).journal
+        #: Tells this process's lines from those of earlier and later processes.
+        self.session = secrets.token_hex(4)
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._warned = False
+
+    def record(self, event: str, **fields: Any) -> None:
+        """Append one event (fsynced). Never raises for the file: a warning instead."""
+        line = {"time": round(time.time(), 3), "event": event, "session": self.session,
+                **_clean(fields)}  # fmt: skip
+        data = (json.dumps(line, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+        with self._lock:
+            try:
+                fd = self._open()
+                os.write(fd, data)  # one write on O_APPEND: no other line interleaves
+                os.fsync(fd)
+            except OSError as e:
+                if not self._warned:  # once: a full disk would say it at every step
+                    log.warning("savepoints: could not write the run journal %s: %s",
+                                self.path, e)  # fmt: skip
+                    self._warned = True
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            size = os.fstat(fd).st_size
+            # A crash may have cut the last line short: start on a fresh line, so that
+            # the torn one stays alone (and skipped) instead of swallowing the next.
+            if size:
+                with open(self.path, "rb") as f:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        os.write(fd, b"\n")
+            self._fd = fd
+        return self._fd
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def session_fields() -> dict[str, Any]:
+    """What an ``open`` line says of the process: who, where, with what command."""
+    return {
+        "pid": os.getpid(),
+        "host": platform.node(),
+        "argv": [os.path.basename(sys.argv[0]), *sys.argv[1:]] if sys.argv else [],
+        "python": platform.python_version(),
+    }
+
+
+@dataclass
+class JournalText:
+    """A journal as read: its events in order, and how many lines were skipped."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    skipped: int = 0
+    """Lines that were not whole JSON objects (a torn write, damage): left out."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.events)
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def of(self, *kinds: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") in kinds]
+
+
+def read_journal(root: str | os.PathLike[str]) -> JournalText:
+    """The journal of the run at ``root`` (empty when it has none). Safe while another
+    process writes it: a last line still being written (or torn by a crash) is left out."""
+    path = RunLayout(Path(root)).journal
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return JournalText()
+    out = JournalText()
+    lines = data.split(b"\n")
+    if lines and lines[-1]:
+        out.skipped += 1  # no newline yet: being written, or cut short by a crash
+    for raw in lines[:-1]:
+        if not raw.strip():
+            continue
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            out.skipped += 1
+            continue
+        if isinstance(event, dict) and isinstance(event.get("event"), str):
+            out.events.append(event)
+        else:
+            out.skipped += 1
+    return out
