@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 scheduler.step()
                 step += 1
                 print(json.dumps({"step": step, "loss": loss.item()}), flush=True)
+                points.log(step, loss=loss.item())  # the curve `savepoints report` draws
                 stop = step == args.stop_after or preemption.requested
                 if step % args.save_every == 0 or stop:
                     points.save(

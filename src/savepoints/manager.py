@@ -282,17 +282,18 @@ class SavePoints:
         self._listeners.append(listener)
 
     def _committed(self, step: int) -> None:
-        """After each local commit (in the writing thread): retention, then the push."""
-        for listener in self._listeners:
-            try:
-                listener(step)
-            except Exception as e:
-                log.warning("savepoints: a commit listener failed: %s", e)
+        """After each local commit (in the writing thread): retention, the journal's storage
+        line, the listeners (who then see the run as retention left it), the push."""
         self._apply_retention()
         if self._journal is not None:
             used = self._storage.usage([(p.step, p.path, p.manifest) for p in self._local_points()])
             self._journal.record("storage", step=step, logical=used.logical,
                                  physical=used.physical, points=len(used.unique))  # fmt: skip
+        for listener in self._listeners:
+            try:
+                listener(step)
+            except Exception as e:
+                log.warning("savepoints: a commit listener failed: %s", e)
         if self._tier is not None:
             self._tier.submit(step)
 

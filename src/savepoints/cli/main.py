@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from savepoints import errors
-from savepoints.cli import demo, inspect, manage, publish, remote, train, transfer
+from savepoints.cli import demo, inspect, manage, publish, remote, report, train, transfer
 from savepoints.cli.output import err_console, print_error
 
 DEBUG_ENV = "SAVEPOINTS_DEBUG"
@@ -75,6 +75,8 @@ for command in (
     inspect.show_cmd,
     inspect.verify_cmd,
     inspect.diff_cmd,
+    report.log_cmd,
+    report.report_cmd,
     train.train_cmd,
     train.predict_cmd,
     transfer.export_cmd,

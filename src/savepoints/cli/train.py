@@ -12,9 +12,11 @@ import click
 from savepoints import InvalidArgumentError, MissingDependencyError
 from savepoints.cli.inspect import print_points_table
 from savepoints.cli.output import console, echo_json_lines, esc, event, json_option
+from savepoints.cli.report import progress_bar, wrote
 from savepoints.cli.resolve import open_run, refuse_point_folder, resolve_best_or_latest
 from savepoints.compact import require_plain
 from savepoints.preemption import DEFAULT_DEADLINE, Preemption
+from savepoints.report import LiveReport, write_report
 from savepoints.writer import finish_saves_in_flight
 
 
@@ -84,9 +86,16 @@ def need_transformers(command: str) -> None:
     help="Seconds after SIGTERM/SIGUSR1 within which the emergency save point must be "
     "committed (set it below your scheduler's grace period).",
 )
+@click.option(
+    "--report-every-save",
+    is_flag=True,
+    help="Rewrite RUN/report.html after every save point (a page that reloads itself); "
+    "the report is written at the end of training either way.",
+)
 def train_cmd(
-    data: Path, run: Path, remote: str | None, preemption_deadline: float, **options: Any
-) -> None:
+    data: Path, run: Path, remote: str | None, preemption_deadline: float,
+    report_every_save: bool, **options: Any,
+) -> None:  # fmt: skip
     """Fine-tune a text classifier on DATA (CSV or JSONL of text and label) with save points.
 
     Run the same command again after any interruption (Ctrl-C, SIGTERM, SIGKILL): it
@@ -110,6 +119,13 @@ def train_cmd(
     # is abandoned and its staging removed; committed save points are untouched.
     # Under torchrun / accelerate launch every rank runs this; rank 0 alone talks.
     main = os.environ.get("RANK", "0") == "0"
+    live = LiveReport(run) if main and report_every_save else None
+
+    def on_commit(step: int) -> None:
+        committed(step)
+        if live is not None:
+            live(step)
+
     try:
         points = finetune(
             cfg,
@@ -117,7 +133,7 @@ def train_cmd(
             callbacks=[_progress_callback()] if main else [],
             preemption=Preemption(deadline=preemption_deadline),
             remote=remote,
-            on_commit=committed if main else None,
+            on_commit=on_commit if main else None,
         )
         points.close()  # with a remote: returns once every save point is there
     except KeyboardInterrupt:
@@ -129,9 +145,15 @@ def train_cmd(
             f"command again to resume from {where}."
         )
         sys.exit(130)
+    finally:
+        if live is not None:
+            live.close()
     if main:
         console.print()
         print_points_table(run)
+        with progress_bar() as tell:
+            page = write_report(run, progress=tell)
+        wrote(page, "report (curves, save points, storage, layers)")
 
 
 def _progress_callback() -> Any:
