@@ -87,7 +87,7 @@ def test_the_plain_loop_example_saves_picks_the_best_and_loads_it(tmp_path, monk
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     names = {
         "model": model, "optimizer": optimizer, "scheduler": scheduler, "tokenizer": tokenizer,
-        "total_steps": 1500, "eval_loss": 0.5, "epoch": 0, "batch": 0,
+        "total_steps": 1500, "eval_loss": 0.5, "loss": 0.7, "epoch": 0, "batch": 0,
         "AutoModelForSequenceClassification": AutoModelForSequenceClassification,
     }  # fmt: skip
     exec(compile(python_blocks()["In any PyTorch loop"], "README.md", "exec"), names)

@@ -81,6 +81,24 @@ def test_show_a_trained_save_point_names_every_contents_entry(straight):
     assert data["step"] == best.step and data["contents"]["files"] == ["trainer_state.json"]
 
 
+def test_train_writes_a_report_from_the_trainers_log_history(straight):
+    from savepoints.journal import read_journal
+    from savepoints.report import gather
+
+    page = (straight / "report.html").read_text()
+    assert "<body data-refresh" not in page  # the final page, not a live one
+    logged = [e["values"] for e in read_journal(straight) if e["event"] == "log"]
+    assert any("loss" in v and "learning_rate" in v for v in logged)
+    assert any("eval_accuracy" in v for v in logged)
+    data = gather(straight, verify=False)
+    assert {"loss", "eval_loss", "eval_accuracy", "eval_macro_f1"} <= set(data.curves)
+    assert "train_runtime" not in data.curves  # the end-of-training summary is no curve
+    with SavePoints(straight, readonly=True) as points:
+        for p in points.list():
+            assert f'data-step="{p.step}"' in page
+    assert data.settings["epochs"] == 3.0 and data.settings_source == "savepoints train"
+
+
 def test_train_killed_with_sigkill_resumes_and_ends_bit_exact(tweets, tmp_path, straight):
     train, valid = tweets
 
@@ -102,6 +120,11 @@ def test_train_killed_with_sigkill_resumes_and_ends_bit_exact(tweets, tmp_path, 
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"Resuming from the save point at step {resumed_from}" in " ".join(again.stdout.split())
     assert_same_run(tmp_path / "run", straight)
+    from savepoints.report import gather
+
+    data = gather(tmp_path / "run", verify=False)
+    assert [s.ended for s in data.sessions] == ["killed", "closed"]
+    assert data.resumes == [(resumed_from, f"resumed from {resumed_from}")]
 
 
 def test_train_refuses_changed_settings_on_resume(tweets, tmp_path):
@@ -271,7 +294,7 @@ def test_gpt2_model_folder_without_pad_token_gets_one(tweets, tmp_path):
 def test_ctrl_c_in_train_says_how_to_resume_and_resumes(tweets, tmp_path):
     train, valid = tweets
     args = [sys.executable, "-m", "savepoints", "train", str(train), "--eval", str(valid),
-            "--run", str(tmp_path / "run"), *TRAIN]  # fmt: skip
+            "--run", str(tmp_path / "run"), *TRAIN, "--report-every-save"]  # fmt: skip
     # As at a terminal: SIGINT not ignored (a shell's background jobs inherit it ignored,
     # and Python then never raises KeyboardInterrupt).
     proc = subprocess.Popen(
@@ -290,8 +313,12 @@ def test_ctrl_c_in_train_says_how_to_resume_and_resumes(tweets, tmp_path):
         assert points.verify().ok
     assert f"resume from step {latest}" in " ".join(rest.split())
     assert not any((tmp_path / "run" / ".savepoints" / "staging").iterdir())
+    # --report-every-save kept a live page (it reloads itself) up to the interrupt.
+    live = (tmp_path / "run" / "report.html").read_text()
+    assert "<body data-refresh" in live and 'data-step="5"' in live
     again = sp(*args[3:])
     assert again.returncode == 0 and f"step {latest}" in again.stdout
+    assert "<body data-refresh" not in (tmp_path / "run" / "report.html").read_text()
 
 
 @pytest.mark.parametrize(

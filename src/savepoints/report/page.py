@@ -25,6 +25,8 @@ PALETTE_B = ("#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#2ca02c", "#d62728", "
              "#bcbd22", "#e377c2", "#7f7f7f")  # fmt: skip
 _LAST = ("learning_rate", "grad_norm")
 _TABLE_METRICS = 6
+#: Charts sit two to a row: drawn at about the width they get, their text stays 11 px.
+CHART_WIDTH = 560
 
 
 def esc(value: object) -> str:
@@ -145,6 +147,7 @@ def curves_section(data: RunData, out_dir: Path) -> str:
         charts.append(line_chart(
             title, series, markers=markers_for(data, names, out_dir), breaks=data.resumes,
             y_label=names[0] if len(names) == 1 else "", chart_id=_chart_id(title),
+            width=CHART_WIDTH,
         ))  # fmt: skip
     return '<div class="charts">' + "".join(charts) + "</div>"
 
@@ -350,7 +353,7 @@ def render_comparison(a: RunData, b: RunData, out: Path) -> str:
         breaks = [(s, f"{la}: {t}") for s, t in a.resumes] + [(s, f"{lb}: {t}")
                                                                for s, t in b.resumes]  # fmt: skip
         charts.append(line_chart(title, series, markers=markers, breaks=breaks,
-                                 chart_id=_chart_id(title)))  # fmt: skip
+                                 chart_id=_chart_id(title), width=CHART_WIDTH))  # fmt: skip
     keys = list(dict.fromkeys([*a.settings, *b.settings]))
     rows = []
     for k in keys:

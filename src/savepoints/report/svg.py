@@ -436,10 +436,11 @@ def _xy_chart(
     extra_legend: Sequence[tuple[str, str]] = (),
     corner: str = "",
     data_extra: dict[str, object] | None = None,
+    empty: str = "no values logged yet",
 ) -> str:
     drawn = [(s, pts) for s in series if (pts := _finite(s.points))]
     if not drawn:
-        return _empty(cls, title, chart_id, "no values logged yet")
+        return _empty(cls, title, chart_id, empty)
     marks = sorted((m for m in markers if _ok(m.step)), key=_mkey)
     brks = [b for b in breaks if _ok(b[0])]
     x0, x1, y0, y1, integral_x = _domain(drawn, marks, brks, y_from_zero)
@@ -653,6 +654,7 @@ def storage_chart(
         extra_legend=[(area_swatch, "saved by dedup")],
         corner=corner,
         data_extra={"y_unit": "bytes"},
+        empty="no save points yet",
     )
 
 
