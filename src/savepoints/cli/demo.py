@@ -183,9 +183,9 @@ def _narrate(run: Path, workdir: Path, epochs: int) -> None:
         f"  verify(original) ok: {verify(best.path).ok}; verify(tampered copy) ok: {report.ok}"
     )
 
-    report = run / "report.html"
+    page = run / "report.html"
     console.print(Panel.fit(
-        f"Done. See the run at a glance: open [bold]{report}[/] in a browser (curves with "
+        f"Done. See the run at a glance: open [bold]{page}[/] in a browser (curves with "
         "every save point,\nthe resume after the kill, storage, what changed layer by "
         f"layer). Look around: [bold]savepoints list {run}[/], "
         f"[bold]savepoints show {run} best[/], [bold]savepoints verify {run}[/],\n"
