@@ -369,3 +369,12 @@ def test_the_comparison_and_the_live_page_render_in_chromium_without_errors(
         time.sleep(0.2)
     assert not browser.execute_script("return window.__before === true")
     assert console_errors(browser) == []
+
+
+def test_a_save_point_between_two_logged_steps_sits_on_the_line_between_them():
+    from savepoints.report.data import Curve
+
+    curve = Curve("loss", [("a", [(10.0, 1.0), (20.0, 3.0)], False), ("a", [(25.0, 9.0)], True)])
+    assert curve.value_at(15) is None and curve.value_at(20) == 3.0
+    assert curve.value_at(15, between=True) == pytest.approx(2.0)
+    assert curve.value_at(25) is None  # only redone after a resume: not where the run went

@@ -92,13 +92,19 @@ class Curve:
     def count(self) -> int:
         return sum(len(points) for _, points, _ in self.segments)
 
-    def value_at(self, step: int) -> float | None:
+    def value_at(self, step: int, *, between: bool = False) -> float | None:
+        """The value logged at ``step`` (not one redone after a resume); with
+        ``between``, else the straight line between the values logged around it (where a
+        marker sits on a curve logged every few steps)."""
         for _, points, superseded in reversed(self.segments):
             if superseded:
                 continue
-            for s, v in points:
+            for i, (s, v) in enumerate(points):
                 if s == step:
                     return v
+                if between and i and points[i - 1][0] < step < s:
+                    s0, v0 = points[i - 1]
+                    return v0 + (v - v0) * (step - s0) / (s - s0)
         return None
 
 

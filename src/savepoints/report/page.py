@@ -106,7 +106,10 @@ def markers_for(
         metric, value = None, None
         for name in prefer:
             curve = data.curves.get(name)
-            found = curve.value_at(row.step) if curve else None
+            # Evaluations are where they were measured; a training curve is logged every
+            # few steps, and a save point between two logs sits on the line between them.
+            between = not name.startswith("eval_")
+            found = curve.value_at(row.step, between=between) if curve else None
             if found is None and name in row.metrics:
                 found = row.metrics[name]
             if found is not None:
