@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from savepoints import SavePoints, verify
+from savepoints.journal import read_journal
 from savepoints.layout import RunLayout
 
 pytestmark = pytest.mark.skipif(
@@ -113,6 +114,11 @@ def test_fsdp2_save_point_is_one_committed_folder(saved: Any) -> None:
     assert not any(n.endswith((".metadata", ".pt", ".pth", ".bin", ".distcp")) for n in names)
     assert point.manifest.contents["optimizer"]["keys"] == "names"
     assert not list(RunLayout(run).staging.glob("*")) if RunLayout(run).staging.exists() else True
+    # Rank 0 alone keeps the journal: one process opened the run, one save point was saved.
+    journal = read_journal(run).events
+    assert [e["event"] for e in journal].count("open") == 1
+    (save,) = [e for e in journal if e["event"] == "save"]
+    assert save["step"] == 3 and save["mode"] == "2 ranks" and save["size"] == point.size
 
 
 def test_fsdp2_resume_at_two_ranks_is_bit_exact_with_per_rank_rng(saved: Any) -> None:
@@ -378,6 +384,10 @@ def test_savepoints_train_runs_under_torchrun_and_resumes(tmp_path: Path) -> Non
     again = torchrun()
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Resuming from the save point at step 6" in again.stdout
+    # Rank 0 wrote the report, from a journal only it kept.
+    page = (run / "report.html").read_text()
+    assert 'data-step="3"' in page and 'data-step="6"' in page
+    assert [e["event"] for e in read_journal(run)].count("open") == 2
 
 
 def test_show_and_export_of_a_save_point_written_by_two_ranks(saved: Any, tmp_path: Path) -> None:
