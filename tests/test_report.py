@@ -170,12 +170,16 @@ def test_a_journal_that_cannot_be_written_never_fails_a_save(tmp_path: Path, cap
 
 
 def test_log_takes_numbers_only_and_is_a_no_op_on_a_read_only_run(tmp_path: Path):
-    with SavePoints(tmp_path / "run") as points, pytest.raises(InvalidArgumentError, match="loss"):
-        points.log(1, loss="low")
+    with SavePoints(tmp_path / "run") as points:
+        with pytest.raises(InvalidArgumentError, match="loss"):
+            points.log(1, loss="low")
+        points.log(1, loss=float("nan"), grad_norm=torch.tensor(2.0))  # a diverged loss: kept
+    (logged,) = [e for e in read_journal(tmp_path / "run") if e["event"] == "log"]
+    assert logged["values"] == {"loss": None, "grad_norm": 2.0}
     with SavePoints(tmp_path / "run", readonly=True) as reader:
         reader.log(2, loss=0.5)
         assert reader.journal is None
-    assert not [e for e in read_journal(tmp_path / "run") if e["event"] == "log"]
+    assert len([e for e in read_journal(tmp_path / "run") if e["event"] == "log"]) == 1
 
 
 def test_savepoints_log_prints_the_journal_and_its_json(history: Path):

@@ -53,6 +53,7 @@ from savepoints.storage.tier import RemoteTier
 from savepoints.validate import (
     check_extra,
     check_files,
+    check_logged,
     check_metrics,
     check_model,
     check_step,
@@ -271,7 +272,7 @@ class SavePoints:
         the save points marked on them. Cheap (one appended line); a no-op on a read-only
         run and on ranks other than 0."""
         step = check_step(step)
-        clean = check_metrics({**(metrics or {}), **values})
+        clean = check_logged({**(metrics or {}), **values})
         if self._journal is not None and clean:
             self._journal.record("log", step=step, values=clean)
 

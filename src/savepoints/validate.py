@@ -33,22 +33,28 @@ def check_step(step: object) -> int:
     return step
 
 
+def _number(name: object, value: object, hint: str) -> float:
+    """A metric's value as a Python number (a one-element tensor or numpy scalar too)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if hasattr(value, "item") and not isinstance(value, (int, float)):
+        value = value.item()
+    if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentError(f"metric {name!r} = {value!r} is not a number.", hint)
+    return value
+
+
+def check_logged(values: Mapping[str, float]) -> dict[str, float]:
+    """Values for ``SavePoints.log``: numbers. NaN and infinities are accepted (logging a
+    loss that diverged must not stop training); the journal writes them as null."""
+    hint = "Pass numbers, e.g. points.log(step, loss=0.41, learning_rate=3e-5)."
+    return {name: _number(name, value, hint) for name, value in values.items()}
+
+
 def check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, value in (metrics or {}).items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if hasattr(value, "item") and not isinstance(value, (int, float)):
-            value = value.item()
-        if (
-            not isinstance(name, str)
-            or isinstance(value, bool)
-            or not isinstance(value, (int, float))
-        ):
-            raise InvalidArgumentError(
-                f"metric {name!r} = {value!r} is not a number.",
-                "Pass metrics as {name: number}, e.g. {'eval_loss': 0.41}.",
-            )
+        value = _number(name, value, "Pass metrics as {name: number}, e.g. {'eval_loss': 0.41}.")
         if value != value or value in (float("inf"), float("-inf")):
             raise InvalidArgumentError(
                 f"metric {name!r} is {value}, which cannot rank save points.",
