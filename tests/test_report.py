@@ -382,3 +382,92 @@ def test_a_save_point_between_two_logged_steps_sits_on_the_line_between_them():
     assert curve.value_at(15) is None and curve.value_at(20) == 3.0
     assert curve.value_at(15, between=True) == pytest.approx(2.0)
     assert curve.value_at(25) is None  # only redone after a resume: not where the run went
+
+
+# ---------------------------------------------------------------------------- review fixes
+
+
+def test_a_line_that_cannot_be_encoded_or_a_closed_journal_never_fails_a_save(tmp_path: Path):
+    model, _ = _model()
+    with SavePoints(tmp_path / "run") as points:
+        # A surrogate (a bytes path decoded by Python) and a tensor of several values.
+        points.save(1, model=model, metrics={"l\udce9": 1.0})
+        points.wait()
+        points.journal.record("note", what=torch.ones(3), name="caf\udce9")
+        assert [p.step for p in points.list()] == [1]
+        journal = points.journal
+    journal.record("late")  # after close(): dropped, never reopened
+    events = read_journal(tmp_path / "run").events
+    assert [e["event"] for e in events] == ["open", "save", "storage", "note", "close"]
+    assert events[1]["metrics"] == {"l\udce9": 1.0} and journal._fd is None
+
+
+def test_the_storage_lines_follow_the_disk_commit_by_commit(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(SavePoints, "USAGE_RESYNC", 1_000)  # incremental all the way
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(128, 128))
+    model[1].requires_grad_(False)  # frozen: stored once
+    with SavePoints(tmp_path / "run", keep=Keep(last=3)) as points:
+        for step in range(1, 13):
+            with torch.no_grad():
+                model[0].weight.add_(0.01)
+            points.save(step, model=model)
+        points.wait()
+        used = points.usage()
+        points.delete(12 - 1)
+        after = points.usage()
+    lines = [e for e in read_journal(tmp_path / "run") if e["event"] == "storage"]
+    assert (lines[-1]["logical"], lines[-1]["physical"]) == (used.logical, used.physical)
+    assert lines[-1]["physical"] < lines[-1]["logical"] and lines[-1]["points"] == 3
+    assert after.physical < used.physical
+
+
+def test_a_save_point_of_another_run_restored_is_no_resume(tmp_path: Path):
+    model, opt = _model()
+    with SavePoints(tmp_path / "base") as base:
+        base.save(50, model=model)
+    with SavePoints(tmp_path / "run") as points:
+        points.restore(tmp_path / "base" / "step-00000050", model=model)  # a warm start
+        _train(points, model, opt, range(1, 9), 4)
+    data = gather(tmp_path / "run", verify=False)
+    assert data.resumes == [] and not any(r for _, _, r in data.curves["loss"].segments)
+
+
+def test_links_to_save_points_are_quoted_and_relative_to_the_page(tmp_path: Path):
+    run = tmp_path / "my run #1%"
+    model, _ = _model()
+    with SavePoints(run) as points:
+        points.save(1, model=model)
+    page = write_report(run, tmp_path / "pages" / "r.html", verify=False).read_text()
+    assert 'href="../my%20run%20%231%25/step-00000001/"' in page
+
+
+def test_the_report_and_log_commands_refuse_what_is_not_a_run(tmp_path: Path):
+    runner = CliRunner()
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "runs" / "a" / ".savepoints").mkdir(parents=True)
+    for target, said in ((tmp_path / "file.txt", "is a file, not a run folder"),
+                         (tmp_path / "runs", "Pass one of the runs in it: a.")):  # fmt: skip
+        for command in ("report", "log"):
+            done = runner.invoke(cli, [command, str(target)])
+            assert done.exit_code == 1 and said in " ".join(done.output.split()), done.output
+    assert not (tmp_path / "runs" / "report.html").exists()
+
+
+def test_a_run_of_hundreds_of_save_points_folds_the_deleted_ones_away(tmp_path: Path):
+    from savepoints.journal import Journal
+
+    run = tmp_path / "run"
+    model, _ = _model()
+    with SavePoints(run) as points:
+        points.save(1000, model=model, metrics={"eval_loss": 0.5})
+    journal = Journal(run)  # what a long run with Keep(last=1) would have journaled
+    for step in range(1, 1000):
+        journal.record("log", step=step, values={"loss": 1 / step})
+        journal.record("save", step=step, metrics={"eval_loss": 1.0}, size=10, new_bytes=10)
+        journal.record("retention", step=step, rule="not among the last 1")
+    journal.close()
+    page = write_report(run, verify=False).read_text()
+    assert page.count("<details>") == 1 and "999 save points deleted since" in page
+    assert page.count('class="marker') < 20  # only what is kept is marked on the charts
+    assert 'class="guide"' in page  # one save point marked: its guide line is drawn

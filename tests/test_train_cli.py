@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -305,6 +306,14 @@ def test_ctrl_c_in_train_says_how_to_resume_and_resumes(tweets, tmp_path):
     for line in proc.stdout:
         if "save point committed at step 10" in line:
             break
+    # --report-every-save: a live page (it reloads itself) appears while training runs.
+    page = tmp_path / "run" / "report.html"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (
+        page.is_file() and "<body data-refresh" in page.read_text()
+    ):
+        time.sleep(0.1)
+    assert "<body data-refresh" in page.read_text()
     proc.send_signal(signal.SIGINT)
     rest = proc.stdout.read()
     assert proc.wait() == 130, rest[-3000:]
@@ -313,9 +322,9 @@ def test_ctrl_c_in_train_says_how_to_resume_and_resumes(tweets, tmp_path):
         assert points.verify().ok
     assert f"resume from step {latest}" in " ".join(rest.split())
     assert not any((tmp_path / "run" / ".savepoints" / "staging").iterdir())
-    # --report-every-save kept a live page (it reloads itself) up to the interrupt.
-    live = (tmp_path / "run" / "report.html").read_text()
-    assert "<body data-refresh" in live and 'data-step="5"' in live
+    # Interrupted, the page stops reloading, and shows what was committed.
+    settled = page.read_text()
+    assert "<body data-refresh" not in settled and f'data-step="{latest}"' in settled
     again = sp(*args[3:])
     assert again.returncode == 0 and f"step {latest}" in again.stdout
     assert "<body data-refresh" not in (tmp_path / "run" / "report.html").read_text()

@@ -259,7 +259,7 @@ class RankWriter:
         ranks: Ranks,
         *,
         keep_record: Callable[[], dict[str, Any]],
-        after_commit: Callable[[int], None],
+        after_commit: Callable[[int, int, int], None],
         journal: Journal | None = None,
     ) -> None:
         self.storage = storage
@@ -292,6 +292,7 @@ class RankWriter:
         staged = None
         failure: BaseException | None = None
         replace = False
+        added = 0  # bytes the commit adds to the disk (rank 0 knows)
         if ranks.is_main:
             try:
                 replace = replaces(self.storage, step, overwrite)
@@ -349,7 +350,7 @@ class RankWriter:
         point = SavePoint(final, manifest)
         if ranks.is_main:
             log.info("savepoints: committed step %d from %d ranks at %s", step, ranks.world, final)
-            self._after_commit(step)
+            self._after_commit(step, manifest.total_size, added)
         return point
 
 

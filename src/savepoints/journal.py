@@ -53,7 +53,8 @@ EVENTS: dict[str, str] = {
 
 
 def _clean(value: Any) -> Any:
-    """JSON for the journal: non-finite floats become None (JSON has no NaN)."""
+    """JSON for the journal: non-finite floats become None (JSON has no NaN); anything
+    else that is not JSON (a numpy or one-element torch scalar aside) becomes its text."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
@@ -62,7 +63,8 @@ def _clean(value: Any) -> Any:
         return [_clean(v) for v in value]
     if value is None or isinstance(value, (str, int, bool)):
         return value
-    if hasattr(value, "item"):  # a numpy or torch scalar
+    numel = getattr(value, "numel", None)
+    if hasattr(value, "item") and (numel is None or numel() == 1):
         return _clean(value.item())
     return str(value)
 
@@ -76,44 +78,66 @@ class Journal:
         self.session = secrets.token_hex(4)
         self._lock = threading.Lock()
         self._fd: int | None = None
+        self._closed = False
+        #: A write failed part-way: the next line starts on a fresh one.
+        self._torn = False
         self._warned = False
 
     def record(self, event: str, **fields: Any) -> None:
-        """Append one event (fsynced). Never raises for the file: a warning instead."""
-        line = {"time": round(time.time(), 3), "event": event, "session": self.session,
-                **_clean(fields)}  # fmt: skip
-        data = (json.dumps(line, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
-        with self._lock:
-            try:
+        """Append one event (fsynced). Never raises: the journal is a record, and a line
+        that cannot be written costs a warning (once), never a save."""
+        try:
+            line = {**_clean(fields), "time": round(time.time(), 3), "event": event,
+                    "session": self.session}  # fmt: skip
+            # ASCII: a name that is not valid Unicode (a surrogate from a bytes path)
+            # is escaped, not a reason to lose the line.
+            data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
+            with self._lock:
+                if self._closed:
+                    return  # after close() the run may belong to another writer
                 fd = self._open()
-                os.write(fd, data)  # one write on O_APPEND: no other line interleaves
+                if self._torn:
+                    data = b"\n" + data
+                self._torn = True
+                _write_all(fd, data)
                 os.fsync(fd)
-            except OSError as e:
-                if not self._warned:  # once: a full disk would say it at every step
-                    log.warning("savepoints: could not write the run journal %s: %s",
-                                self.path, e)  # fmt: skip
-                    self._warned = True
+                self._torn = False
+        except Exception as e:
+            if not self._warned:  # once: a full disk would say it at every step
+                log.warning("savepoints: could not write the run journal %s: %s", self.path, e)
+                self._warned = True
 
     def _open(self) -> int:
         if self._fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            size = os.fstat(fd).st_size
-            # A crash may have cut the last line short: start on a fresh line, so that
-            # the torn one stays alone (and skipped) instead of swallowing the next.
-            if size:
-                with open(self.path, "rb") as f:
-                    f.seek(size - 1)
-                    if f.read(1) != b"\n":
-                        os.write(fd, b"\n")
+            try:
+                size = os.fstat(fd).st_size
+                # A crash may have cut the last line short: start on a fresh line, so
+                # that the torn one stays alone (and skipped) instead of swallowing ours.
+                if size:
+                    with open(self.path, "rb") as f:
+                        f.seek(size - 1)
+                        self._torn = f.read(1) != b"\n"
+            except BaseException:
+                os.close(fd)
+                raise
             self._fd = fd
         return self._fd
 
     def close(self) -> None:
+        """Stop writing (later records are dropped) and close the file."""
         with self._lock:
+            self._closed = True
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def session_fields() -> dict[str, Any]:

@@ -173,6 +173,12 @@ class SavePoints:
         self._listeners: builtins.list[Callable[[int], None]] = []
         #: The run journal (journal.py): written by the process that writes the run.
         self._journal: Journal | None = None
+        # Bytes on disk for the journal's storage lines, kept up to date commit by commit
+        # (computing them afresh reads every manifest: quadratic over a long run).
+        self._usage_lock = threading.Lock()
+        self._sizes: dict[int, int] | None = None
+        self._physical = 0
+        self._since_usage = 0
         # A run opened read-only is read by this process alone (to list it, or restore
         # into one rank's objects): only a writable run makes calls collective.
         self._ranks = None if readonly else Ranks.detect(timeout)
@@ -282,14 +288,13 @@ class SavePoints:
         that raises is logged; it never fails the save."""
         self._listeners.append(listener)
 
-    def _committed(self, step: int) -> None:
-        """After each local commit (in the writing thread): retention, the journal's storage
-        line, the listeners (who then see the run as retention left it), the push."""
+    def _committed(self, step: int, size: int = 0, added: int = 0) -> None:
+        """After each local commit of ``size`` bytes, ``added`` of them new on disk (in the
+        writing thread): retention, the journal's storage line, the listeners (who then
+        see the run as retention left it), the push."""
         self._apply_retention()
         if self._journal is not None:
-            used = self._storage.usage([(p.step, p.path, p.manifest) for p in self._local_points()])
-            self._journal.record("storage", step=step, logical=used.logical,
-                                 physical=used.physical, points=len(used.unique))  # fmt: skip
+            self._record_storage(step, size, added)
         for listener in self._listeners:
             try:
                 listener(step)
@@ -297,6 +302,40 @@ class SavePoints:
                 log.warning("savepoints: a commit listener failed: %s", e)
         if self._tier is not None:
             self._tier.submit(step)
+
+    #: Every this many commits the storage line is computed afresh from the disk (other
+    #: processes, compact and gc change it too); in between it is kept up to date.
+    USAGE_RESYNC = 64
+
+    def _record_storage(self, step: int, size: int, added: int) -> None:
+        assert self._journal is not None
+        try:
+            with self._usage_lock:
+                if self._sizes is None or self._since_usage >= self.USAGE_RESYNC:
+                    points = self._local_points()
+                    used = self._storage.usage([(p.step, p.path, p.manifest) for p in points])
+                    self._sizes = {p.step: p.manifest.total_size for p in points}
+                    self._physical, self._since_usage = used.physical, 0
+                else:
+                    self._sizes[step] = size
+                    self._physical += added
+                    self._since_usage += 1
+                logical = sum(self._sizes.values())
+                physical = self._physical if self._storage.dedup else logical
+                count = len(self._sizes)
+        except Exception as e:  # a record only: a folder deleted meanwhile must not fail a save
+            log.warning("savepoints: could not measure the run's bytes for the journal: %s", e)
+            return
+        self._journal.record("storage", step=step, logical=logical, physical=physical,
+                             points=count)  # fmt: skip
+
+    def _forget(self, steps: Iterable[int], freed: int) -> None:
+        """Deleted save points leave the storage bookkeeping (``freed``: blob bytes)."""
+        with self._usage_lock:
+            if self._sizes is not None:
+                for step in steps:
+                    self._sizes.pop(step, None)
+                self._physical = max(0, self._physical - freed)
 
     # ---------------------------------------------------------------- context / lock
 
@@ -695,7 +734,8 @@ class SavePoints:
                 )
         if doomed:
             # Not gc(): this may run in the background thread, which must not wait for itself.
-            self._storage.collect()
+            _, freed = self._storage.collect()
+            self._forget(doomed, freed)
 
     @property
     def dedup(self) -> bool:
@@ -706,7 +746,7 @@ class SavePoints:
     def gc(self) -> tuple[int, int]:
         """Free blobs that no save point references. Returns (blobs, bytes) freed."""
         self._check_writable("collect garbage")
-        return self._storage.collect()
+        return self._storage.collect()  # garbage: never counted in the journal's bytes
 
     def usage(self) -> Usage:
         """Logical vs physical bytes, each save point's unique bytes, garbage."""
@@ -726,7 +766,8 @@ class SavePoints:
         if point.remote is None:
             self._storage.delete(point.step)
             log.info("savepoints: deleted step %d of %s", point.step, self.path)
-            self._storage.collect()
+            _, freed = self._storage.collect()
+            self._forget([point.step], freed)
         if self._journal is not None:
             self._journal.record("delete", step=point.step)
 
@@ -775,7 +816,13 @@ class SavePoints:
         if self._writer is not None:
             self._writer.parent = point.step  # the next save point's parent
         if self._journal is not None:
-            self._journal.record("restore", step=point.step, pid=os.getpid())
+            # A save point of another run (a warm start) is no resume of this one.
+            try:
+                this_run = point.path.resolve().parent == self.path.resolve()
+            except OSError:
+                this_run = False
+            self._journal.record("restore", step=point.step, pid=os.getpid(),
+                                 path=str(point.path), this_run=this_run)  # fmt: skip
 
     def _resolve_together(
         self, savepoint: SavePoint | int | str | os.PathLike[str] | None, verify: bool,

@@ -123,7 +123,7 @@ class Writer:
         async_save: bool,
         snapshot: SnapshotMode = "eager",
         keep_record: Callable[[], dict[str, Any]],
-        after_commit: Callable[[int], None],
+        after_commit: Callable[[int, int, int], None],
         journal: Journal | None = None,
     ) -> None:
         self.storage = storage
@@ -239,7 +239,7 @@ class Writer:
                 "savepoints: committed step %d (%.1f MB in %.2f s) at %s",
                 step, point.size / 1e6, time.perf_counter() - started, staged.final,
             )  # fmt: skip
-            self._after_commit(step)
+            self._after_commit(step, manifest.total_size, new)
             return point
 
         if not snap.buffered:

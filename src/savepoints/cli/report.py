@@ -24,15 +24,30 @@ from savepoints.cli.output import (
 )
 from savepoints.cli.resolve import is_point_folder
 from savepoints.journal import EVENTS, read_journal
+from savepoints.layout import RunLayout, parse_step
 
 
 def _run_folder(run: Path) -> Path:
+    """``run``, or a clear error when it is no run (a file, a save point, another folder)."""
     if is_point_folder(run):
         raise InvalidArgumentError(
             f"{run} is a save point folder, not a run.", f"Pass its run folder: {run.parent}."
         )
+    if run.exists() and not run.is_dir():
+        raise InvalidArgumentError(
+            f"{run} is a file, not a run folder.", "Pass the folder given to --run or SavePoints()."
+        )
     if not run.is_dir():
         raise RunNotFoundError(run)
+    if not RunLayout(run).private.is_dir() and not any(
+        parse_step(child.name) is not None for child in run.iterdir()
+    ):
+        runs = sorted(c.name for c in run.iterdir() if RunLayout(c).private.is_dir())[:5]
+        raise InvalidArgumentError(
+            f"{run} is not a savepoints run: it holds no save points and no journal.",
+            f"Pass one of the runs in it: {', '.join(runs)}." if runs else
+            "Pass the folder given to --run or SavePoints().",
+        )  # fmt: skip
     return run
 
 
@@ -77,6 +92,17 @@ def describe(e: dict[str, Any]) -> str:
     return ""
 
 
+#: A journal longer than this is printed as plain lines, not a table.
+PLAIN_ABOVE = 500
+
+
+def _stamp(e: dict[str, Any]) -> str:
+    t = e.get("time")
+    return (
+        datetime.fromtimestamp(t).strftime("%m-%d %H:%M:%S") if isinstance(t, (int, float)) else "?"
+    )
+
+
 @click.command("log")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--event", "kinds", multiple=True, type=click.Choice(sorted(EVENTS)),
@@ -102,11 +128,17 @@ def log_cmd(
                       "and later have one).")  # fmt: skip
         return
     sessions: dict[str, int] = {}
+    if len(events) > PLAIN_ABOVE:  # a table of thousands of rows takes rich many seconds
+        for e in events:
+            n = sessions.setdefault(str(e.get("session")), len(sessions) + 1)
+            step = "" if e.get("step") is None else e["step"]
+            click.echo(f"{_stamp(e)}  #{n}  {e['event']:<11} {step!s:>8}  {describe(e)}")
+        return
     t = table(f"{run} — {len(events)} of {len(journal)} events", ("time", "left"), "proc",
               "event", ("step", "right"), "details")  # fmt: skip
     for e in events:
         n = sessions.setdefault(str(e.get("session")), len(sessions) + 1)
-        stamp = datetime.fromtimestamp(float(e.get("time", 0))).strftime("%m-%d %H:%M:%S")
+        stamp = _stamp(e)
         kind = str(e["event"])
         style = {"save": "green", "retention": "yellow", "delete": "yellow", "preempted": "red",
                  "save_failed": "red", "restore": "cyan", "open": "bold"}.get(kind, "")  # fmt: skip

@@ -127,33 +127,42 @@ def train_cmd(
             live(step)
 
     try:
-        points = finetune(
-            cfg,
-            on_event=event if main else lambda _: None,
-            callbacks=[_progress_callback()] if main else [],
-            preemption=Preemption(deadline=preemption_deadline),
-            remote=remote,
-            on_commit=on_commit if main else None,
-        )
-        points.close()  # with a remote: returns once every save point is there
-    except KeyboardInterrupt:
-        finish_saves_in_flight()  # the save being written commits first (seconds at most)
-        latest = open_run(run).latest() if run.is_dir() else None
-        where = f"step {latest.step}" if latest else "the start (nothing was committed yet)"
-        console.print(
-            f"\n[yellow]Interrupted.[/] Committed save points are intact; run the same "
-            f"command again to resume from {where}."
-        )
-        sys.exit(130)
-    finally:
-        if live is not None:
-            live.close()
+        try:
+            points = finetune(
+                cfg,
+                on_event=event if main else lambda _: None,
+                callbacks=[_progress_callback()] if main else [],
+                preemption=Preemption(deadline=preemption_deadline),
+                remote=remote,
+                on_commit=on_commit if main else None,
+            )
+            points.close()  # with a remote: returns once every save point is there
+        except KeyboardInterrupt:
+            finish_saves_in_flight()  # the save being written commits first (seconds at most)
+            latest = open_run(run).latest() if run.is_dir() else None
+            where = f"step {latest.step}" if latest else "the start (nothing was committed yet)"
+            console.print(
+                f"\n[yellow]Interrupted.[/] Committed save points are intact; run the same "
+                f"command again to resume from {where}."
+            )
+            sys.exit(130)
+    except BaseException:
+        if live is not None:  # interrupted, preempted, failed: the page stops reloading
+            live.close(settle=True)
+        raise
+    if live is not None:
+        live.close()
     if main:
         console.print()
         print_points_table(run)
-        with progress_bar() as tell:
-            page = write_report(run, progress=tell)
-        wrote(page, "report (curves, save points, storage, layers)")
+        try:
+            with progress_bar() as tell:
+                page = write_report(run, progress=tell)
+        except Exception as e:  # the training succeeded: a report that fails is only said
+            console.print(f"[yellow]warning:[/] could not write the report: {esc(str(e))}; "
+                          f"`savepoints report {esc(str(run))}` tries again.")  # fmt: skip
+        else:
+            wrote(page, "report (curves, save points, storage, layers)")
 
 
 def _progress_callback() -> Any:

@@ -102,8 +102,15 @@ class LiveReport:
             except Exception as e:  # a report must never stop training: said, then retried
                 log.warning("savepoints: could not refresh the report %s: %s", self.out, e)
 
-    def close(self) -> None:
-        """Let the page being written finish, then stop."""
+    def close(self, *, settle: bool = False) -> None:
+        """Let the page being written finish, then stop. ``settle``: write one last page
+        that no longer reloads (quickly: nothing re-hashed, no layers compared), for a run
+        that stops before its final report (interrupted, preempted)."""
         self._stopped = True
         self._wanted.set()
         self._thread.join()
+        if settle:
+            try:
+                write_report(self.run, self.out, verify=False, heatmap=False)
+            except Exception as e:
+                log.warning("savepoints: could not write the report %s: %s", self.out, e)

@@ -7,6 +7,7 @@ report: their curves then come from the metrics of each save point.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import os
@@ -99,12 +100,13 @@ class Curve:
         for _, points, superseded in reversed(self.segments):
             if superseded:
                 continue
-            for i, (s, v) in enumerate(points):
-                if s == step:
-                    return v
-                if between and i and points[i - 1][0] < step < s:
-                    s0, v0 = points[i - 1]
-                    return v0 + (v - v0) * (step - s0) / (s - s0)
+            # Sorted by step: a bisection (a report of a long run asks for every save point).
+            i = bisect.bisect_left(points, (step, -math.inf))
+            if i < len(points) and points[i][0] == step:
+                return points[i][1]
+            if between and 0 < i < len(points):
+                (s0, v0), (s1, v1) = points[i - 1], points[i]
+                return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
         return None
 
 
@@ -184,20 +186,26 @@ def gather(
     if committed:
         next(r for r in rows if r.step == committed[-1].step).latest = True
     if verify:
+        manifests = {p.step: p.manifest for p in committed}
         kept = [r for r in rows if r.path is not None]
         for i, row in enumerate(kept):
             if progress is not None:
                 progress("verifying", i, len(kept))
             assert row.path is not None
-            report = SavePoint(row.path, _manifest_of(committed, row.step)).verify()
+            report = SavePoint(row.path, manifests[row.step]).verify()
+            if not report.ok and not row.path.exists():
+                # Retention of the training process deleted it while this report was read.
+                row.path, row.deleted = None, "deleted while this report was written"
+                continue
             row.verified = report.ok
             row.problems = [str(p) for p in report.all_problems()[:5]]
         if progress is not None:
             progress("verifying", len(kept), len(kept))
     sessions = _sessions(events, root)
     curves = _curves(events, sessions, committed)
-    storage = [(int(e["step"]), int(e["logical"]), int(e["physical"]))
-               for e in events if e["event"] == "storage" and "logical" in e]  # fmt: skip
+    fields = ("step", "logical", "physical")
+    storage = [(e["step"], e["logical"], e["physical"]) for e in events if e["event"] == "storage"
+               and all(isinstance(e.get(k), int) for k in fields)]  # fmt: skip
     if not storage and committed:
         storage = [(committed[-1].step, usage.logical, usage.physical)]
     newest = committed[-1].manifest if committed else None
@@ -221,10 +229,6 @@ def gather(
     )
 
 
-def _manifest_of(points: list[SavePoint], step: int) -> Any:
-    return next(p.manifest for p in points if p.step == step)
-
-
 def _point_rows(
     committed: list[SavePoint], events: list[dict[str, Any]], unique: Mapping[int, int]
 ) -> list[PointRow]:
@@ -236,7 +240,9 @@ def _point_rows(
             continue
         if kind == "save":
             row = rows[step] = PointRow(step)  # a save of a step again replaces it
-            row.created = datetime.fromtimestamp(float(e["time"]), timezone.utc)
+            stamp = e.get("time")
+            if isinstance(stamp, (int, float)):
+                row.created = datetime.fromtimestamp(stamp, timezone.utc)
             row.metrics = {k: v for k, v in (e.get("metrics") or {}).items()
                            if isinstance(v, (int, float))}  # fmt: skip
             row.tags = list(e.get("tags") or [])
@@ -298,7 +304,7 @@ def _sessions(events: list[dict[str, Any]], root: Path) -> list[Session]:
             s.ended = s.ended or "closed"
         elif kind == "preempted":
             s.ended = f"preempted ({e.get('signal')}) at step {step}"
-        elif kind == "restore" and isinstance(step, int):
+        elif kind == "restore" and isinstance(step, int) and e.get("this_run", True):
             restores.setdefault(sid, []).append(step)
         if kind in ("log", "save") and isinstance(step, int):
             if s.first_step is None:
@@ -312,8 +318,12 @@ def _sessions(events: list[dict[str, Any]], root: Path) -> list[Session]:
     for i, s in enumerate(ordered):
         if s.ended:
             continue
-        last = i == len(ordered) - 1
-        s.ended = "running" if last and _alive(s.pid, s.host) else "killed"
+        if i < len(ordered) - 1:
+            s.ended = "killed"  # another process opened the run after it, without a close
+        elif s.host not in (None, platform.node()):
+            s.ended = f"no close yet (running on {s.host}, or killed)"
+        else:
+            s.ended = "running" if _alive(s.pid, s.host) else "killed"
     return ordered
 
 
@@ -392,11 +402,21 @@ def _heatmap(committed: list[SavePoint], progress: Progress | None) -> Heatmap |
     if len(with_model) < 2:
         return None
     note = ""
+    skipped = len([p for p in committed if "model" in p.contents]) - len(with_model)
+    if skipped:
+        note = f"{skipped} compacted save point(s) left out (`savepoints expand` them to compare)."
     if len(with_model) > HEATMAP_COLUMNS + 1:
         n = len(with_model)
-        picks = sorted({round(i * (n - 1) / HEATMAP_COLUMNS) for i in range(HEATMAP_COLUMNS + 1)})
-        note = (f"{n} save points: {len(picks) - 1} pairs spread evenly over the run are "
-                "compared (each column spans the steps it names).")  # fmt: skip
+        # Every stride-th save point and the last: a stride that only doubles keeps the
+        # same pairs from one report to the next (they are cached), as the run grows.
+        stride = 1
+        while (n - 1) / stride > HEATMAP_COLUMNS:
+            stride *= 2
+        picks = sorted({*range(0, n, stride), n - 1})
+        note = (
+            f"{n} save points: every {stride}th and the last are compared "
+            f"({len(picks) - 1} columns, each spanning the steps it names). {note}"
+        ).strip()
         with_model = [with_model[i] for i in picks]
     columns: list[str] = []
     layers: dict[str, dict[int, float]] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +26,10 @@ PALETTE_B = ("#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#2ca02c", "#d62728", "
              "#bcbd22", "#e377c2", "#7f7f7f")  # fmt: skip
 _LAST = ("learning_rate", "grad_norm")
 _TABLE_METRICS = 6
+#: More save points than this: the charts mark only those kept (the table has them all).
+MAX_MARKED = 300
+#: More deleted save points than this: the table folds them away.
+MAX_DELETED_ROWS = 50
 #: Charts sit two to a row: drawn at about the width they get, their text stays 11 px.
 CHART_WIDTH = 560
 
@@ -77,7 +82,7 @@ def _href(row: PointRow, out_dir: Path) -> str | None:
         rel = os.path.relpath(row.path.resolve(), out_dir.resolve())
     except ValueError:  # another drive (Windows)
         return row.path.resolve().as_uri()
-    return Path(rel).as_posix() + "/"
+    return urllib.parse.quote(Path(rel).as_posix()) + "/"  # "my run #1" is a path, not a fragment
 
 
 def _point_label(row: PointRow, metric: str | None, value: float | None) -> str:
@@ -102,7 +107,12 @@ def markers_for(
     """A marker per save point the run has had, on the curve of its metric when it has one."""
     prefer = sorted(names, key=lambda n: not n.startswith("eval_"))
     out = []
-    for row in data.points:
+    rows = data.points
+    if len(rows) > MAX_MARKED:
+        # Thousands of markers would bury the curves: the deleted ones are in the table.
+        rows = [r for r in rows if r.kept]
+    crowded = len(rows) > MAX_MARKED
+    for row in rows:
         metric, value = None, None
         for name in prefer:
             curve = data.curves.get(name)
@@ -115,6 +125,8 @@ def markers_for(
             if found is not None:
                 metric, value = name, found
                 break
+        if crowded and _status(row) in ("kept", "deleted"):
+            value = None  # under the chart only: the curve stays readable
         out.append(Marker(step=row.step, value=value, kind=_status(row),
                           label=prefix + _point_label(row, metric, value),
                           href=_href(row, out_dir)))  # fmt: skip
@@ -145,11 +157,11 @@ def curves_section(data: RunData, out_dir: Path) -> str:
                 "<code>metrics=</code> to <code>save()</code>.</p>")  # fmt: skip
     colors = _colors(data.curves, PALETTE)
     charts = []
-    for title, names in chart_groups(data.curves):
+    for i, (title, names) in enumerate(chart_groups(data.curves)):
         series = [s for n in names for s in series_for(data.curves[n], colors[n])]
         charts.append(line_chart(
             title, series, markers=markers_for(data, names, out_dir), breaks=data.resumes,
-            y_label=names[0] if len(names) == 1 else "", chart_id=_chart_id(title),
+            y_label=names[0] if len(names) == 1 else "", chart_id=f"{_chart_id(title)}-{i}",
             width=CHART_WIDTH,
         ))  # fmt: skip
     return '<div class="charts">' + "".join(charts) + "</div>"
@@ -200,7 +212,9 @@ def points_table(data: RunData, out_dir: Path) -> str:
     metrics = sorted(metrics, key=lambda m: (not m.startswith("eval_"), m))[:_TABLE_METRICS]
     head = ["step", "saved", "status", *metrics, "size", "new bytes", "unique now",
             "stall s", "background s", "verify", "tags", "parent"]  # fmt: skip
-    rows = []
+    rows: list[str] = []
+    folded: list[str] = []
+    fold = sum(1 for r in data.points if r.deleted) > MAX_DELETED_ROWS
     for row in data.points:
         href = _href(row, out_dir)
         step = f'<a href="{esc(href)}">{row.step}</a>' if href else str(row.step)
@@ -216,18 +230,29 @@ def points_table(data: RunData, out_dir: Path) -> str:
             verify = '<span class="ok">✓ intact</span>'
         else:
             verify = f'<span class="bad" title="{esc("; ".join(row.problems))}">✗ damaged</span>'
-        cells = [step, esc(_when(row.created)), chip,
+        saved = "—"
+        if row.created is not None:
+            stamp = row.created.timestamp()
+            saved = f'<span data-sort="{stamp:.3f}">{esc(_when(row.created))}</span>'  # sortable
+        cells = [step, saved, chip,
                  *(esc(_fmt(row.metrics.get(m))) for m in metrics),
                  _bytes_cell(row.size), _bytes_cell(row.new_bytes), _bytes_cell(row.unique),
                  _num_cell(row.stall_s), _num_cell(row.background_s), verify,
                  esc(", ".join(row.tags)),
                  "" if row.parent is None else str(row.parent)]  # fmt: skip
         cls = "gone" if row.deleted else ""
-        rows.append(f'<tr class="{cls}" data-step="{row.step}">'
-                    + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")  # fmt: skip
+        (folded if fold and row.deleted else rows).append(
+            f'<tr class="{cls}" data-step="{row.step}">'
+            + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")  # fmt: skip
     header = "".join(f"<th>{esc(h)}</th>" for h in head)
-    return (f'<table class="sortable points"><thead><tr>{header}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table>')  # fmt: skip
+    table = (f'<table class="sortable points"><thead><tr>{header}</tr></thead>'
+             f'<tbody>{"".join(rows)}</tbody></table>')  # fmt: skip
+    if folded:
+        gone = "".join(folded)
+        table += (f"<details><summary>{len(folded)} save points deleted since (by retention "
+                  'or by hand)</summary><table class="sortable points gone-points"><thead><tr>'
+                  f"{header}</tr></thead><tbody>{gone}</tbody></table></details>")  # fmt: skip
+    return table
 
 
 def _bytes_cell(n: int | None) -> str:
@@ -344,7 +369,7 @@ def render_comparison(a: RunData, b: RunData, out: Path) -> str:
     colors_a, colors_b = _colors(names, PALETTE), _colors(names, PALETTE_B)
     la, lb = a.name, b.name if b.name != a.name else f"{b.name} (2)"
     charts = []
-    for title, group in chart_groups(names):
+    for i, (title, group) in enumerate(chart_groups(names)):
         series: list[Series] = []
         for n in group:
             if n in a.curves:
@@ -356,7 +381,8 @@ def render_comparison(a: RunData, b: RunData, out: Path) -> str:
         breaks = [(s, f"{la}: {t}") for s, t in a.resumes] + [(s, f"{lb}: {t}")
                                                                for s, t in b.resumes]  # fmt: skip
         charts.append(line_chart(title, series, markers=markers, breaks=breaks,
-                                 chart_id=_chart_id(title), width=CHART_WIDTH))  # fmt: skip
+                                 chart_id=f"{_chart_id(title)}-{i}",
+                                 width=CHART_WIDTH))  # fmt: skip
     keys = list(dict.fromkeys([*a.settings, *b.settings]))
     rows = []
     for k in keys:
@@ -388,8 +414,10 @@ def page(title: str, body: str, *, refresh: float | None = None) -> str:
     attrs = ""
     if refresh:
         attrs = f' data-refresh="{refresh:g}"'
+        written = datetime.now().astimezone().strftime("%H:%M:%S")
         live = (f'<div class="live">● Live: this page reloads every {refresh:g} s while the '
-                "run trains; the final report replaces it when training ends.</div>")  # fmt: skip
+                f"run trains (written at {written}; a time that stops moving means the "
+                "training stopped); the final report replaces it.</div>")  # fmt: skip
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -413,7 +441,7 @@ code{font:12px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 min-width:150px}
 .card .k{color:var(--muted);font-size:12px;text-transform:uppercase;letter-spacing:.04em}
 .card .v{font-size:20px;font-weight:600}.card .s{color:var(--muted);font-size:12px}
-.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:18px}
+.charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:18px}
 figure.chart{margin:0;background:var(--panel);border:1px solid var(--line);border-radius:8px;
 padding:10px}
 figure.chart figcaption{font-weight:600;margin:0 0 4px}
@@ -436,6 +464,7 @@ table.kv{width:auto;min-width:420px}table.kv th{width:220px}
 tr.differs td,tr.differs th{background:#fff7e0}
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:18px}
 .empty{color:var(--muted);font-style:italic}
+details summary{cursor:pointer;color:var(--muted);margin:8px 0}
 .live{position:sticky;top:0;background:#e8f5e9;color:#1e7b3a;padding:6px 28px;font-size:13px;
 border-bottom:1px solid #c8e6c9;z-index:2}
 .tip{position:absolute;display:none;pointer-events:none;background:#1d2430;color:#fff;

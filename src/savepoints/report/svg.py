@@ -58,6 +58,8 @@ _FONT = 'font-family="system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-seri
 _INK = "#444"
 _CHAR_W = 6.2  # mean glyph width at 11px: only used to make room for labels, never exact
 _KINDS_ORDER = tuple(MARKER_KINDS)
+#: Above this many save points a chart draws no guide line per save point.
+MAX_GUIDES = 60
 
 # Shapes centred on (0, 0). Colours are attributes so a saved bare SVG looks the same.
 _KEPT = "#35608f"
@@ -475,7 +477,8 @@ def _xy_chart(
         )
     parts += _axes(fr, x_ticks, y_ticks, y_fmt, tick_y)
     parts += _axis_titles(fr, x_label, y_label, height)
-    if marks:
+    # A faint guide per save point helps up to a few dozen; beyond, they grey the plot.
+    if marks and len({m.step for m in marks}) <= MAX_GUIDES:
         guides = "".join(
             f"M{_c(fr.sx(s))} {_c(fr.top)}V{_c(fr.bottom)}" for s in {m.step for m in marks}
         )
