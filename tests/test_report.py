@@ -258,6 +258,11 @@ def test_a_run_from_before_the_journal_gets_its_curves_from_the_save_points(tmp_
     data = gather(run, verify=False)
     assert [p for p, _ in data.curves["eval_loss"].segments[0][1]] == [4.0, 8.0]
     assert not data.sessions and "loss" not in data.curves
+    with SavePoints(run) as points:  # the run goes on with a journal
+        _train(points, model, opt, range(9, 13), 4)
+    upgraded = gather(run, verify=False)
+    steps = [p for _, points, _ in upgraded.curves["eval_loss"].segments for p, _ in points]
+    assert steps == [4.0, 8.0, 12.0]
 
 
 def test_the_report_command_writes_the_page_and_says_its_size(history: Path, tmp_path: Path):

@@ -351,13 +351,15 @@ def _curves(
             values = e.get("metrics")
         for key, value in _keys_of(values or {}):
             per.setdefault(key, {}).setdefault(str(e.get("session")), {})[step] = value
-    if not events:  # a run from before the journal: the metrics of its save points
-        for point in committed:
+    # Save points from before the journal (an older savepoints wrote them): their metrics.
+    journaled = {e.get("step") for e in events if e["event"] == "save"}
+    for point in committed:
+        if point.step not in journaled:
             for key, value in _keys_of(point.metrics):
                 per.setdefault(key, {}).setdefault("", {})[point.step] = value
-    order = [s.id for s in sessions] or [""]
+    order = ["", *(s.id for s in sessions)]
     # Where each later session restarted from: what earlier ones logged past it was redone.
-    restart: list[float] = []
+    restart: list[float] = [math.inf]  # the save points from before the journal
     for s in sessions:
         if s.resumed_from is not None:
             restart.append(s.resumed_from)
