@@ -197,7 +197,8 @@ def test_a_missing_transformers_is_a_missing_dependency_error(tmp_path, monkeypa
 def test_commands_are_registered_in_one_list():
     assert set(cli.commands) == {
         "list", "show", "verify", "train", "predict", "export", "import", "tag", "untag",
-        "rm", "diff", "du", "gc", "compact", "expand", "demo", "push", "pull", "publish",
+        "rm", "diff", "du", "gc", "compact", "expand", "demo", "push", "pull", "publish", "log",
+        "report",
     }  # fmt: skip
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0 and all(name in result.stdout for name in cli.commands)

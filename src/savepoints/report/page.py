@@ -452,6 +452,7 @@ th,td{text-align:left;padding:5px 8px;border-bottom:1px solid var(--line);vertic
 th{background:var(--panel);font-weight:600;white-space:nowrap}
 table.sortable th{cursor:pointer}table.sortable th:hover{color:var(--accent)}
 table.points td:first-child a{font-weight:600}
+td span[data-sort],.ok,.bad{white-space:nowrap}
 tr.gone td{color:var(--muted)}tr.gone td:first-child{text-decoration:line-through}
 .chip{display:inline-block;padding:0 7px;border-radius:9px;font-size:12px;background:#e8eef6;
 color:#35608f;white-space:nowrap}
