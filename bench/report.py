@@ -3,8 +3,9 @@
 - ``points.log()``: one fsynced journal line; its time per call, against a plain
   ``f.write`` + ``flush`` + ``os.fsync`` of the same line measured here (the baseline:
   what any logger that survives a crash pays).
-- ``save()``: the stall of an asynchronous save of a small model, journal included (the
-  save line and the storage line are written by the background thread, after the commit).
+- ``save()``: a synchronous save of a small model (where the journal's save and storage
+  lines are on the caller's time; asynchronous saves write them in the background),
+  against the same saves with the journal's writes turned off.
 - ``savepoints report``: time and size of the page for runs that logged 10, 1,000 and
   10,000 steps (loss and learning rate every step, a save point every tenth of the run).
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from savepoints import Keep, SavePoints
+from savepoints.journal import Journal
 from savepoints.report import write_report
 
 
@@ -64,9 +66,20 @@ def main() -> None:
         print(row("points.log()", logged, statistics.median(base)))
 
         model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 4))
-        with SavePoints(root / "saves") as points:
-            stalls = per_call(lambda i: points.save(i, model=model), 20)
-        print(row("async save() stall, journal on", stalls))
+
+        def saves(run: Path) -> list[float]:
+            with SavePoints(run, async_save=False) as points:
+                return per_call(lambda i: points.save(i, model=model), 30)
+
+        # The baseline: the same synchronous saves with the journal's writes turned off.
+        record = Journal.record
+        Journal.record = lambda *args, **kw: None  # type: ignore[method-assign]
+        try:
+            quiet = saves(root / "saves-without")
+        finally:
+            Journal.record = record  # type: ignore[method-assign]
+        print(row("sync save(), no journal (baseline)", quiet))
+        print(row("sync save(), journal on", saves(root / "saves"), statistics.median(quiet)))
 
         for steps in (10, 1_000, 10_000):
             run = root / f"run-{steps}"
