@@ -163,6 +163,18 @@ def train_cmd(
                           f"`savepoints report {esc(str(run))}` tries again.")  # fmt: skip
         else:
             wrote(page, "report (curves, save points, storage, layers)")
+    _leave_together()
+
+
+def _leave_together() -> None:
+    """Under torchrun, the ranks leave together, then close their process group: rank 0
+    may still be writing the report, and a rank that exits while another still uses the
+    group can abort in gloo's teardown ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _progress_callback() -> Any:
