@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
+from savepoints import InvalidArgumentError, SavePoint
 from savepoints.cli.inspect import print_points_table
-from savepoints.cli.output import console, done, esc
+from savepoints.cli.output import console, done, esc, spinner
 from savepoints.cli.resolve import open_run, resolve_best_or_latest
 
 
@@ -24,18 +25,37 @@ from savepoints.cli.resolve import open_run, resolve_best_or_latest
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["hf", "hf-trainer"]),
+    type=click.Choice(["hf", "hf-trainer", "onnx"]),
     default="hf",
     show_default=True,
-    help="hf: a deployment bundle; hf-trainer: a folder plain Trainer resumes from.",
+    help="hf: a deployment bundle; hf-trainer: a folder plain Trainer resumes from; onnx: "
+    "a sequence classifier for ONNX Runtime (checked against PyTorch).",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8"]),
+    help="With --format onnx: int8 weights (ONNX Runtime dynamic quantization).",
+)
+@click.option(
+    "--check-texts",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="With --format onnx: texts (one per line) the parity check classifies "
+    "(default: a built-in set).",
 )
 def export_cmd(target: Path, out: Path, step: str | None, latest: bool, dtype: str | None,
-               fmt: str) -> None:  # fmt: skip
+               fmt: str, quantize: str | None, check_texts: Path | None) -> None:  # fmt: skip
     """Export the best save point of TARGET (a run; or --step/--latest), or a save point
     FOLDER, to the new folder OUT."""
+    if fmt != "onnx" and (quantize or check_texts):
+        raise InvalidArgumentError(
+            "--quantize and --check-texts go with --format onnx.", "Add --format onnx."
+        )
+    point = resolve_best_or_latest(target, step, latest)
+    if fmt == "onnx":
+        _export_onnx(point, out, dtype, quantize, check_texts)
+        return
     from savepoints.export import export
 
-    point = resolve_best_or_latest(target, step, latest)
     export(point, out, fmt=fmt, dtype=dtype)  # type: ignore[arg-type]
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     done(
@@ -46,6 +66,31 @@ def export_cmd(target: Path, out: Path, step: str | None, latest: bool, dtype: s
         console.print(f'  load it: pipeline("text-classification", model="{esc(str(out))}")')
     else:
         console.print(f'  resume it: trainer.train(resume_from_checkpoint="{esc(str(out))}")')
+
+
+def _export_onnx(point: SavePoint, out: Path, dtype: str | None, quantize: str | None,
+                 check_texts: Path | None) -> None:  # fmt: skip
+    from savepoints.cli.train import need_transformers, read_texts
+    from savepoints.interop.onnx import export_onnx
+
+    if dtype is not None:
+        raise InvalidArgumentError(
+            "--dtype does not apply to --format onnx (the graph is fp32).",
+            "Leave --dtype out; --quantize int8 makes it smaller.",
+        )
+    need_transformers("export --format onnx")
+    texts = read_texts((), check_texts) if check_texts else None
+    with spinner("exporting to ONNX and checking it against PyTorch"):
+        parity = export_onnx(point, out, quantize=quantize, texts=texts)  # type: ignore[arg-type]
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    done(f"exported step {point.step} ({point.path}) to {out} as ONNX "
+         f"{quantize or 'fp32'}: {size / 1e6:.1f} MB")  # fmt: skip
+    if parity.tolerance is not None:
+        said = f"max |Δ logit| {parity.max_abs_diff:.2g} (limit {parity.tolerance:g})"
+    else:
+        said = (f"labels agree on {parity.agreement:.0%} (at least {parity.min_agreement:.0%}), "
+                f"max |Δ logit| {parity.max_abs_diff:.2g}")  # fmt: skip
+    console.print(f"  parity with PyTorch on {parity.texts} texts: {said}")
 
 
 @click.command("import")
