@@ -7,6 +7,7 @@ import errno
 import json
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -195,13 +196,17 @@ def test_a_missing_transformers_is_a_missing_dependency_error(tmp_path, monkeypa
 
 
 def test_commands_are_registered_in_one_list():
-    assert set(cli.commands) == {
+    ctx = click.Context(cli)
+    names = cli.list_commands(ctx)
+    assert set(names) == {
         "list", "show", "verify", "train", "predict", "export", "import", "tag", "untag",
         "rm", "diff", "du", "gc", "compact", "expand", "demo", "push", "pull", "publish", "log",
         "report",
     }  # fmt: skip
+    assert all(cli.get_command(ctx, name).name == name for name in names)
+    assert cli.get_command(ctx, "nonsense") is None
     result = CliRunner().invoke(cli, ["--help"])
-    assert result.exit_code == 0 and all(name in result.stdout for name in cli.commands)
+    assert result.exit_code == 0 and all(name in result.stdout for name in names)
 
 
 def test_show_describes_every_kind_of_contents_entry(run):

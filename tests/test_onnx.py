@@ -137,3 +137,56 @@ def test_a_bert_classifier_exports_too(tmp_path, tokenizer_dir):
     assert parity.max_abs_diff <= 1e-4 and parity.agreement == 1.0
     logits = _onnx_logits(tmp_path / "bert-onnx", ["short", "a much longer text than that"])
     assert logits.shape == (2, 2)
+
+
+# Run by the test below in a fresh interpreter where torch and transformers cannot be
+# imported at all: the ONNX path of `savepoints predict` must need neither.
+NO_TORCH = """
+import sys
+sys.modules["torch"] = None
+sys.modules["transformers"] = None
+from savepoints.cli import main
+sys.argv = ["savepoints", *sys.argv[1:]]
+try:
+    main()
+finally:
+    assert "torch" not in {m.split(".")[0] for m, v in sys.modules.items() if v is not None}
+"""
+
+
+def test_predict_on_a_bundle_runs_without_torch_and_says_what_pytorch_says(gpt2_run, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "bundle"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["export", str(gpt2_run), str(out), "--format", "onnx",
+                               "--step", "10"]).exit_code == 0  # fmt: skip
+    texts = ["great game tonight!", "terrible service, never again", "ok", "what time is it"]
+    expected = runner.invoke(cli, ["predict", str(gpt2_run), *texts, "--step", "10", "--json"])
+    assert expected.exit_code == 0, expected.output
+    expected_rows = [json.loads(line) for line in expected.stdout.splitlines()]
+
+    def predict(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", NO_TORCH, "predict", *args],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    done = predict(str(out), *texts, "--json")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["text"] for r in rows] == texts
+    assert [r["label"] for r in rows] == [r["label"] for r in expected_rows]
+    assert all(abs(a["probability"] - b["probability"]) <= 1e-3
+               for a, b in zip(rows, expected_rows))  # fmt: skip
+    shown = predict(str(out), *texts)
+    assert shown.returncode == 0 and "ONNX bundle" in shown.stdout and "fp32" in shown.stdout
+    assert "exported from step 10" in shown.stdout
+    # A bundle is verified before it is used, and holds one model.
+    with open(out / "model.onnx", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\xff" * 8)
+    altered = predict(str(out), "hello")
+    assert altered.returncode == 3 and "model.onnx (altered)" in altered.stderr
+    assert "--no-verify" in altered.stderr
+    stepped = predict(str(out), "hello", "--step", "10")
+    assert stepped.returncode == 1 and "holds one model" in " ".join(stepped.stderr.split())

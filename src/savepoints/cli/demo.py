@@ -27,7 +27,8 @@ from rich.panel import Panel
 
 from savepoints import InvalidArgumentError, SavePoints, verify
 from savepoints.cli.output import console, esc, quiet
-from savepoints.cli.train import need_transformers, train_cmd
+from savepoints.cli.predict import need_transformers
+from savepoints.cli.train import train_cmd
 
 MARKER = "demo-run"
 SAMPLE = "data/demo_tweets.csv"

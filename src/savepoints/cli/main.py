@@ -1,11 +1,15 @@
 """The ``savepoints`` command group: every command is registered here, and one table turns
 exceptions into an exit code plus a one-line message and a hint.
 
+A command's module is imported when the command runs (or ``--help`` lists them all), so
+``savepoints predict`` on an ONNX bundle imports neither torch nor transformers.
+
 Tracebacks only with ``SAVEPOINTS_DEBUG=1``.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Any
@@ -13,7 +17,6 @@ from typing import Any
 import click
 
 from savepoints import errors
-from savepoints.cli import demo, inspect, manage, publish, remote, report, train, transfer
 from savepoints.cli.output import err_console, print_error
 
 DEBUG_ENV = "SAVEPOINTS_DEBUG"
@@ -49,7 +52,44 @@ def report_error(exc: BaseException) -> int:
     return exit_code(exc)
 
 
+#: command name -> "module:attribute", in the order ``--help`` lists them.
+COMMANDS = {
+    "list": "inspect:list_cmd",
+    "show": "inspect:show_cmd",
+    "verify": "inspect:verify_cmd",
+    "diff": "inspect:diff_cmd",
+    "log": "report:log_cmd",
+    "report": "report:report_cmd",
+    "train": "train:train_cmd",
+    "predict": "predict:predict_cmd",
+    "export": "transfer:export_cmd",
+    "import": "transfer:import_cmd",
+    "publish": "publish:publish_cmd",
+    "push": "remote:push_cmd",
+    "pull": "remote:pull_cmd",
+    "tag": "manage:tag_cmd",
+    "untag": "manage:untag_cmd",
+    "rm": "manage:rm_cmd",
+    "du": "manage:du_cmd",
+    "gc": "manage:gc_cmd",
+    "compact": "manage:compact_cmd",
+    "expand": "manage:expand_cmd",
+    "demo": "demo:demo_cmd",
+}
+
+
 class Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, _, attr = COMMANDS[cmd_name].partition(":")
+        command = getattr(importlib.import_module(f"savepoints.cli.{module}"), attr)
+        assert isinstance(command, click.Command) and command.name == cmd_name
+        return command
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -68,32 +108,6 @@ class Group(click.Group):
 @click.version_option(package_name="savepoints")
 def cli() -> None:
     """Atomic, verified, pickle-free save points for Transformers training runs."""
-
-
-for command in (
-    inspect.list_cmd,
-    inspect.show_cmd,
-    inspect.verify_cmd,
-    inspect.diff_cmd,
-    report.log_cmd,
-    report.report_cmd,
-    train.train_cmd,
-    train.predict_cmd,
-    transfer.export_cmd,
-    transfer.import_cmd,
-    publish.publish_cmd,
-    remote.push_cmd,
-    remote.pull_cmd,
-    manage.tag_cmd,
-    manage.untag_cmd,
-    manage.rm_cmd,
-    manage.du_cmd,
-    manage.gc_cmd,
-    manage.compact_cmd,
-    manage.expand_cmd,
-    demo.demo_cmd,
-):
-    cli.add_command(command)
 
 
 def main() -> None:

@@ -9,24 +9,14 @@ from typing import Any
 
 import click
 
-from savepoints import InvalidArgumentError, MissingDependencyError
 from savepoints.cli.inspect import print_points_table
-from savepoints.cli.output import console, echo_json_lines, esc, event, json_option
+from savepoints.cli.output import console, esc, event
+from savepoints.cli.predict import need_transformers
 from savepoints.cli.report import progress_bar, wrote
-from savepoints.cli.resolve import open_run, refuse_point_folder, resolve_best_or_latest
-from savepoints.compact import require_plain
+from savepoints.cli.resolve import open_run, refuse_point_folder
 from savepoints.preemption import DEFAULT_DEADLINE, Preemption
 from savepoints.report import LiveReport, write_report
 from savepoints.writer import finish_saves_in_flight
-
-
-def need_transformers(command: str) -> None:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise MissingDependencyError(
-            f"`savepoints {command}`", "transformers", "transformers"
-        ) from None
 
 
 @click.command("train")
@@ -230,106 +220,3 @@ def _progress_callback() -> Any:
 def committed(step: int) -> None:
     """Said once a save point is committed (saves are written in the background)."""
     console.print(f"  [green]✓[/] save point committed at step {step}")
-
-
-def read_texts(texts: tuple[str, ...], file: Path | None) -> list[str]:
-    """The texts to classify: the arguments, then the lines of ``file``; else stdin."""
-    from savepoints.integrations.finetune import decode_utf8
-
-    def lines(data: bytes, source: Path) -> list[str]:
-        return [line for line in decode_utf8(data, source).splitlines() if line.strip()]
-
-    out = list(texts)
-    if file is not None:
-        out += lines(file.read_bytes(), file)
-    if not out and not sys.stdin.isatty():
-        out = lines(sys.stdin.buffer.read(), Path("<stdin>"))
-    if not out:
-        raise InvalidArgumentError(
-            "No texts to classify.",
-            "Pass texts as arguments, a file with --file (one per line), or lines on stdin.",
-        )
-    return out
-
-
-def load_classifier(path: Path, step: int) -> tuple[Any, Any]:
-    """The model and tokenizer of a save point, or a clear error when it holds none that
-    Transformers can load as a text classifier."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InvalidArgumentError(
-            f"Save point step {step} ({path}) cannot be loaded as a text classifier: {why}",
-            "predict needs a save point of a Transformers ...ForSequenceClassification model "
-            "with its tokenizer, such as `savepoints train` writes.",
-        ) from None
-    return model, tokenizer
-
-
-@click.command("predict")
-@click.argument("target", type=click.Path(path_type=Path))
-@click.argument("texts", nargs=-1)
-@click.option(
-    "--file",
-    "file",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    help="Read texts from this file, one per line.",
-)
-@click.option("--step", help="Use this save point: a step, a tag, 'latest' or 'best'.")
-@click.option("--latest", is_flag=True, help="Use the latest save point instead of the best.")
-@click.option("--no-verify", is_flag=True, help="Skip re-hashing the save point first.")
-@json_option("One JSON object per line, one line per text.")
-def predict_cmd(
-    target: Path,
-    texts: tuple[str, ...],
-    file: Path | None,
-    step: str | None,
-    latest: bool,
-    no_verify: bool,
-    as_json: bool,
-) -> None:
-    """Classify texts with the best save point of TARGET (a run), or a save point FOLDER."""
-    need_transformers("predict")
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    point = resolve_best_or_latest(target, step, latest)
-    require_plain(point.path, point.manifest, "predict")
-    inputs = read_texts(texts, file)
-    if not no_verify:
-        point.verify().raise_if_failed()
-    model, tokenizer = load_classifier(point.path, point.step)
-    if not as_json:
-        metrics = ", ".join(
-            f"{k} {v:.4g}" for k, v in point.metrics.items() if k.startswith("eval_")
-        )
-        suffix = f"; {metrics}" if metrics else ""
-        console.print(f"[dim]save point step {point.step} ({esc(str(point.path))}){suffix}[/]")
-    results = []
-    with torch.no_grad():
-        for start in range(0, len(inputs), 32):
-            batch = inputs[start : start + 32]
-            enc = tokenizer(
-                batch, padding=True, truncation=True, max_length=512, return_tensors="pt"
-            )
-            probs = model(**enc).logits.softmax(-1)
-            for text, p in zip(batch, probs):
-                i = int(p.argmax())
-                results.append(
-                    {
-                        "text": text,
-                        "label": model.config.id2label[i],
-                        "probability": round(float(p[i]), 4),
-                    }
-                )
-    if as_json:
-        echo_json_lines(results)
-        return
-    for r in results:
-        label, text = esc(f"{r['label']:>12}"), esc(r["text"])
-        console.print(f"[bold]{label}[/] {r['probability']:6.1%}  {text}")

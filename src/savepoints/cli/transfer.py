@@ -70,7 +70,7 @@ def export_cmd(target: Path, out: Path, step: str | None, latest: bool, dtype: s
 
 def _export_onnx(point: SavePoint, out: Path, dtype: str | None, quantize: str | None,
                  check_texts: Path | None) -> None:  # fmt: skip
-    from savepoints.cli.train import need_transformers, read_texts
+    from savepoints.cli.predict import need_transformers, read_texts
     from savepoints.interop.onnx import export_onnx
 
     if dtype is not None:

@@ -22,6 +22,7 @@ import torch
 from savepoints.errors import DataFileError, InvalidArgumentError
 from savepoints.keep import Keep
 from savepoints.manager import SavePoints
+from savepoints.textfile import decode_utf8
 
 MetricName = Literal["accuracy", "macro_f1"]
 TINY_GPT2 = dict(n_layer=2, n_head=4, n_embd=128, n_positions=256)
@@ -99,21 +100,6 @@ _FORMAT_HINT = (
     "Pass a UTF-8 CSV file with a header row (text,label; .tsv: tab-separated) or a "
     'JSONL file with one object per line, e.g. {"text": "...", "label": "..."}.'
 )
-
-
-def decode_utf8(data: bytes, path: Path) -> str:
-    """``data`` as text (a UTF-8 byte order mark is dropped), or a :class:`DataFileError`
-    naming the line of the first byte that is not UTF-8."""
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataFileError(
-            path,
-            f"it is not UTF-8 text (byte 0x{data[e.start]:02x} cannot be decoded)",
-            "Save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE > NEW_FILE, with "
-            "the encoding it is in now instead of latin1).",
-            line=data.count(b"\n", 0, e.start) + 1,
-        ) from None
 
 
 def read_examples(path: str | Path, text_column: str, label_column: str) -> list[Row]:

@@ -26,13 +26,13 @@ from typing import Any, Literal
 from savepoints import atomic
 from savepoints.errors import InvalidArgumentError, MissingDependencyError, SavePointsError
 from savepoints.export import check_shippable, model_card
+from savepoints.interop.onnx_bundle import BUNDLE_INFO, MODEL_FILE, TOKENIZER_FILE, file_hashes
 from savepoints.savepoint import SavePoint
 from savepoints.serialize import read_json_object, reading
 from savepoints.staging import FileRecorder
+from savepoints.version import __version__
 
 Quantize = Literal["int8"]
-BUNDLE_INFO = "savepoints-onnx.json"
-MODEL_FILE = "model.onnx"
 #: Largest |logit difference| an fp32 export may show against PyTorch (float32 kernels
 #: differ in summation order: 1e-6..1e-5 is usual).
 FP32_TOLERANCE = 1e-4
@@ -142,17 +142,25 @@ def export_onnx(
         _refuse_if_apart(parity, point)
         tokenizer.save_pretrained(staged.path)
         model.config.save_pretrained(staged.path)
+        if not (staged.path / TOKENIZER_FILE).is_file():
+            raise OnnxExportError(
+                f"The tokenizer of step {point.step} has no fast version ({TOKENIZER_FILE}); "
+                "the bundle runs with the `tokenizers` library alone and needs one.",
+                "Export it with --format hf, or save a fast tokenizer with the model.",
+            )
         rec = FileRecorder(staged.path)
+        rec.write_bytes("README.md", onnx_card(point, parity, quantize).encode())
         info = {
-            "format": "savepoints-onnx", "version": 1, "model": MODEL_FILE,
+            "format": "savepoints-onnx", "version": 1, "savepoints": __version__,
+            "model": MODEL_FILE,
             "inputs": list(INPUTS), "outputs": ["logits"], "architecture": arch,
             "id2label": {str(k): v for k, v in model.config.id2label.items()},
-            "pad_token_id": tokenizer.pad_token_id, "max_length": max_length,
-            "quantize": quantize, "parity": asdict(parity),
+            "pad_token_id": tokenizer.pad_token_id, "padding_side": tokenizer.padding_side,
+            "max_length": max_length, "quantize": quantize, "parity": asdict(parity),
             "source": {"path": str(point.path), "step": point.step, "metrics": point.metrics},
+            "files": file_hashes(staged.path),
         }  # fmt: skip
         rec.write_bytes(BUNDLE_INFO, (json.dumps(info, indent=2) + "\n").encode())
-        rec.write_bytes("README.md", onnx_card(point, parity, quantize).encode())
         staged.commit()
     return parity
 
