@@ -178,13 +178,14 @@ def test_demo_runs_end_to_end_and_resumes_bit_exactly(tmp_path):
     with SavePoints(tmp_path / "demo", readonly=True) as points:
         assert points.latest().step == 72 and points.verify().ok
         assert [p.step for p in points.list()] == [24, 48, 72]
-    # running it again replaces its own earlier run, but never a folder it did not write
-    assert subprocess.run(demo, capture_output=True, timeout=600).returncode == 0
+    # Running it again replaces its own earlier run (the same call the command makes
+    # first), but never a folder it did not write.
+    from savepoints.cli.demo import MARKER, _prepare_run_dir
+
+    _prepare_run_dir(tmp_path / "demo")
+    assert [p.name for p in (tmp_path / "demo").rglob("*")] == [".savepoints", MARKER]
     (tmp_path / "mine").mkdir()
-    refused = subprocess.run(
-        [sys.executable, "-m", "savepoints", "demo", "--run", str(tmp_path / "mine")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert refused.returncode == 1 and "is not an earlier demo run" in refused.stderr
+    (tmp_path / "mine" / "keep.txt").write_text("mine")
+    refused = CliRunner().invoke(cli, ["demo", "--run", str(tmp_path / "mine")])
+    assert refused.exit_code == 1 and "is not an earlier demo run" in refused.output
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "mine"

@@ -85,9 +85,9 @@ def test_any_single_byte_change_of_the_manifest_is_detected(tmp_path):
     assert points.latest().verify().ok
     changed = 0
     for offset in range(len(pristine)):
-        for new in {pristine[offset] ^ 0x01, pristine[offset] ^ 0x20, ord(" "), ord("0")} - {
-            pristine[offset]
-        }:
+        # The lowest bit (a digit or letter one off) and the case bit (a letter's case,
+        # a digit into a control character): every byte, two ways.
+        for new in (pristine[offset] ^ 0x01, pristine[offset] ^ 0x20):
             data = bytearray(pristine)
             data[offset] = new
             path.write_bytes(bytes(data))
