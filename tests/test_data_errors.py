@@ -166,3 +166,19 @@ def test_non_positive_counts_are_refused_before_reading(tmp_path: Path, option: 
     (tmp_path / "d.csv").write_text(GOOD_CSV)
     code, out, err = train(tmp_path / "d.csv", "--run", tmp_path / "run", option, "0")
     assert_one_error(code, out, err, "must be positive")
+
+
+def test_a_config_takes_paths_and_keeps_them_as_text(tmp_path):
+    """Regression: a pathlib.Path for the model folder failed the first save (the config
+    is part of the save point's JSON state)."""
+    import json
+
+    from savepoints.integrations.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(train_file=tmp_path / "train.csv", eval_file=tmp_path / "v.csv",
+                         run=tmp_path / "run", model=tmp_path / "model")  # fmt: skip
+    assert (cfg.train_file, cfg.run, cfg.model) == (
+        str(tmp_path / "train.csv"), str(tmp_path / "run"), str(tmp_path / "model"))  # fmt: skip
+    from dataclasses import asdict
+
+    json.dumps(asdict(cfg))

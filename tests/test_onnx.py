@@ -3,6 +3,7 @@ Runtime before the bundle appears."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -181,6 +182,20 @@ def test_predict_on_a_bundle_runs_without_torch_and_says_what_pytorch_says(gpt2_
     shown = predict(str(out), *texts)
     assert shown.returncode == 0 and "ONNX bundle" in shown.stdout and "fp32" in shown.stdout
     assert "exported from step 10" in shown.stdout
+    # Signed (savepoints sign): --key serves it only when a trusted key signed it, still
+    # without torch.
+    if importlib.util.find_spec("model_signing") is not None:
+        from test_signing import _write_pair
+
+        private, public = _write_pair(tmp_path, "ship")
+        _, stranger = _write_pair(tmp_path, "stranger")
+        assert runner.invoke(cli, ["predict", str(out), "x", "--key", str(public)]).exit_code == 3
+        assert runner.invoke(cli, ["sign", str(out), "--key", str(private)]).exit_code == 0
+        trusted = predict(str(out), *texts, "--key", str(public))
+        assert trusted.returncode == 0 and "signed by" in trusted.stdout, trusted.stderr
+        refused = predict(str(out), "hello", "--key", str(stranger), "--json")
+        assert refused.returncode == 3 and not refused.stdout
+        assert "none of the trusted keys" in " ".join(refused.stderr.split())
     # A bundle is verified before it is used, and holds one model.
     with open(out / "model.onnx", "r+b") as f:
         f.seek(-8, 2)
@@ -190,3 +205,22 @@ def test_predict_on_a_bundle_runs_without_torch_and_says_what_pytorch_says(gpt2_
     assert "--no-verify" in altered.stderr
     stepped = predict(str(out), "hello", "--step", "10")
     assert stepped.returncode == 1 and "holds one model" in " ".join(stepped.stderr.split())
+
+
+def test_without_onnxruntime_export_and_predict_say_what_to_install(gpt2_run, tmp_path,
+                                                                   monkeypatch):  # fmt: skip
+    import sys
+
+    runner = CliRunner()
+    out = tmp_path / "bundle"
+    assert runner.invoke(cli, ["export", str(gpt2_run), str(out), "--format", "onnx",
+                               "--step", "10"]).exit_code == 0  # fmt: skip
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now fails
+    refused = runner.invoke(cli, ["export", str(gpt2_run), str(tmp_path / "again"), "--format",
+                                  "onnx", "--step", "10"])  # fmt: skip
+    text = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and "needs the package 'onnxruntime'" in text
+    assert "pip install 'savepoints[onnx]'" in text and not (tmp_path / "again").exists()
+    predicted = runner.invoke(cli, ["predict", str(out), "hello"])
+    text = " ".join(predicted.output.split())
+    assert predicted.exit_code == 1 and "needs the package 'onnxruntime'" in text

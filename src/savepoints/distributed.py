@@ -46,6 +46,7 @@ from savepoints.errors import (
 )
 from savepoints.journal import Journal
 from savepoints.layout import MANIFEST_NAME
+from savepoints.lineage import Ancestry, LineageSource, lineage_for
 from savepoints.manifest import (
     Contents,
     FileEntry,
@@ -59,7 +60,14 @@ from savepoints.preemption import preemption_request
 from savepoints.savepoint import SavePoint
 from savepoints.staging import FileRecorder
 from savepoints.storage import Storage
-from savepoints.writer import clear_error, new_bytes, record_save, replaces, versions
+from savepoints.writer import (
+    clear_error,
+    continued_from,
+    new_bytes,
+    record_save,
+    replaces,
+    versions,
+)
 
 log = logging.getLogger("savepoints")
 
@@ -261,13 +269,30 @@ class RankWriter:
         keep_record: Callable[[], dict[str, Any]],
         after_commit: Callable[[int, int, int], None],
         journal: Journal | None = None,
+        lineage: LineageSource | None = None,
     ) -> None:
         self.storage = storage
         self.journal = journal
         self.ranks = ranks
         self._keep_record = keep_record
         self._after_commit = after_commit
-        self.parent: int | None = None
+        #: Rank 0's (which writes the manifests, and alone runs git and hashes the data);
+        #: None on the other ranks.
+        self.lineage = lineage
+        #: Kept on every rank (they restore and save the same steps); rank 0's is written.
+        self.ancestry = Ancestry()
+
+    @property
+    def parent(self) -> int | None:
+        return self.ancestry.parent
+
+    @parent.setter
+    def parent(self, step: int | None) -> None:
+        self.ancestry = Ancestry(step)
+
+    def continue_from(self, point: SavePoint, *, this_run: bool = True) -> None:
+        """As :meth:`savepoints.writer.Writer.continue_from`."""
+        self.ancestry = continued_from(point, this_run=this_run)
 
     def wait(self) -> SavePoint | None:
         return None
@@ -289,6 +314,8 @@ class RankWriter:
         started = time.perf_counter()
         during = f"save(step={step})"
         ranks.agree("the step", step, during)
+        session = None if self.lineage is None else self.lineage.session
+        after, chain = self.ancestry.then(step, session)
         staged = None
         failure: BaseException | None = None
         replace = False
@@ -325,6 +352,7 @@ class RankWriter:
                         versions=versions(),
                         keep=self._keep_record(),
                         preempted=preemption_request(),
+                        lineage=lineage_for(self.lineage, chain),
                     )
                     # What other ranks sent is checked as any reader would, before it counts.
                     parse_manifest(manifest.to_json(), staged.final / MANIFEST_NAME)
@@ -343,7 +371,7 @@ class RankWriter:
             if staged is not None:
                 staged.abort()
             raise
-        self.parent = step
+        self.ancestry = after
         final = self.storage.point_dir(step)
         if manifest is None:
             manifest = read_manifest(final / MANIFEST_NAME)

@@ -621,3 +621,109 @@ class HubError(PublishError):
             "check the repository id (USER/NAME or ORG/NAME) and the network; nothing in "
             "the run was changed.",
         )
+
+
+class SigningError(SavePointsError, ValueError):
+    """Signing a folder, or checking its signature (OpenSSF Model Signing), failed; the
+    subclasses say how. ``.path`` is the folder (for :class:`KeyFileError`, the key)."""
+
+    def __init__(self, path: Path, message: str, hint: str) -> None:
+        self.path = path
+        super().__init__(message, hint)
+
+
+#: How to make a key pair that savepoints and ``model_signing`` both use.
+MAKE_KEYS_HINT = (
+    "Make an elliptic-curve key pair with: openssl ecparam -name prime256v1 -genkey "
+    "-noout -out private.pem && openssl ec -in private.pem -pubout -out public.pem"
+)
+
+
+class KeyFileError(SigningError):
+    """A key file cannot be used: missing, not a PEM key, the other half of the key pair
+    than the one needed, encrypted without a password, or not an elliptic-curve key."""
+
+    def __init__(self, key: Path, why: str, hint: str = MAKE_KEYS_HINT) -> None:
+        self.key = key
+        super().__init__(key, f"Cannot use the key file {key}: {why}.", hint)
+
+
+class UnsignedError(SigningError, FileNotFoundError):
+    """A signature was required, and the folder has none."""
+
+    def __init__(self, path: Path, signature: Path) -> None:
+        self.signature = signature
+        super().__init__(
+            path,
+            f"{path} is not signed: there is no signature file {signature}.",
+            "Sign it with the private key (savepoints sign PATH --key private.pem), or "
+            "point to the signature if it is kept elsewhere (signature=...).",
+        )
+
+
+class SignatureInvalidError(SigningError):
+    """The signature file is damaged or was altered: it is no OpenSSF model signature,
+    or its cryptographic signature does not verify with the key it names."""
+
+    def __init__(self, path: Path, signature: Path, why: str) -> None:
+        self.signature = signature
+        super().__init__(
+            path,
+            f"The signature {signature} of {path} is not valid: {why}.",
+            "Do not trust this folder. If its files are known to be good, sign it again "
+            "(savepoints sign PATH --key private.pem); otherwise get a fresh copy and its "
+            "signature from whoever signed it.",
+        )
+
+
+class UntrustedSignatureError(SigningError):
+    """The folder is signed, but by a key that is none of the trusted ones."""
+
+    def __init__(self, path: Path, signature: Path, key_id: str, tried: Sequence[Path]) -> None:
+        self.signature = signature
+        self.key_id = key_id
+        self.tried = list(tried)
+        names = ", ".join(str(k) for k in self.tried[:4]) + (
+            f" and {len(self.tried) - 4} more" if len(self.tried) > 4 else ""
+        )
+        signer = f"a key with fingerprint {key_id[:16]}" if key_id else "an unnamed key"
+        super().__init__(
+            path,
+            f"{path} is signed ({signature}) by {signer}, which is none of the trusted "
+            f"keys ({names}).",
+            "Pass the public key that pairs with the private key that signed it; if you "
+            "do not trust that signer, do not use this folder.",
+        )
+
+
+class SignatureMismatchError(SigningError):
+    """The signature is genuine, but the folder's files are not the ones it signed
+    (altered, added, removed, or left out of the signature)."""
+
+    def __init__(
+        self, path: Path, signature: Path, problems: Sequence[str], hint: str = ""
+    ) -> None:
+        self.signature = signature
+        self.problems = list(problems)
+        listed = "; ".join(self.problems[:8])
+        more = f"; and {len(self.problems) - 8} more" if len(self.problems) > 8 else ""
+        super().__init__(
+            path,
+            f"{path} does not match its signature {signature}: {listed}{more}.",
+            hint
+            or "Files changed after signing: do not trust this folder. Use another save "
+            "point or a fresh copy; if the change was yours, sign again "
+            "(savepoints sign PATH --key private.pem).",
+        )
+
+
+class SignRefusedError(CorruptSavePointError):
+    """A save point that fails verification is never signed: the signature would vouch
+    for damaged files."""
+
+    def __init__(self, path: Path | str, problems: Sequence[str]) -> None:
+        super().__init__(path, problems, failed="failed verification, so it was not signed")
+        self.hint = (
+            "Sign a save point that verifies (`savepoints verify RUN` names them); signing "
+            "cannot repair a damaged one."
+        )

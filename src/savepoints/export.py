@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,8 @@ from savepoints import atomic
 from savepoints.compact import require_plain
 from savepoints.errors import CorruptSavePointError, InvalidArgumentError
 from savepoints.layout import MANIFEST_NAME, TRAINING_STATE_DIR
+from savepoints.lineage import card_command, describe_chain
+from savepoints.manifest import Lineage
 from savepoints.savepoint import SavePoint
 from savepoints.serialize import DTYPE_ALIASES, component_path, read_json_object, reading
 from savepoints.staging import FileRecorder
@@ -192,6 +195,50 @@ def by_position(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def card_lineage(lineage: Lineage | None) -> list[str]:
+    """The lines of a card's "Lineage" section that come from the manifest's lineage.
+
+    A card is written to be published, so it says less than ``savepoints show``: data
+    files and the repository by their last name (with sizes and hashes, which identify
+    them), the command with absolute paths cut to their last name, and neither the host
+    nor the repository's remote URL (internal host names and folder layouts are nobody
+    else's business). The manifest beside the weights keeps everything whole."""
+    if lineage is None:
+        return []
+    lines: list[str] = []
+    code = lineage.code
+    if code is not None and code.get("commit"):
+        repo = Path(code.get("root", "")).name
+        lines.append(f"- code: git commit {_tick(code['commit'])}"
+                     + (f" of {_tick(repo)}" if repo else "")
+                     + (" (with uncommitted changes)" if code.get("dirty") else ""))  # fmt: skip
+    data = lineage.data
+    if data is not None:
+        lines.append(f"- training data fingerprint (blake3): {_tick(data.get('fingerprint', '?'))}")
+        for entry in data.get("files", []):
+            count = f", {entry['files']} files" if "files" in entry else ""
+            lines.append(f"  - {_tick(Path(entry['path']).name)}: {entry['size']} bytes{count}, "
+                         f"blake3 {_tick(entry['blake3'])}")  # fmt: skip
+    if lineage.command:
+        lines.append(f"- command: {_tick(shlex.join(card_command(lineage.command)))}")
+    if lineage.chain:
+        lines.append("- history (newest first):")
+        told = describe_chain(lineage.chain, names_only=True, sessions=False)
+        lines += [f"  - {_plain(line)}" for line in told]
+    return lines
+
+
+def _plain(text: str) -> str:
+    """``text`` on one line, without characters that would end a card's list item."""
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
+def _tick(text: str) -> str:
+    """``text`` as inline code in Markdown; a backtick in it (a hostile manifest's) cannot
+    close the span early."""
+    return "`" + _plain(text).replace("`", "'") + "`"
+
+
 def model_card(
     point: SavePoint, dtype: str | None, *, location: str = "PATH/TO/THIS/FOLDER"
 ) -> str:
@@ -230,6 +277,7 @@ def model_card(
               f"- saved: {point.created.isoformat(timespec='seconds')}",
               f"- weights dtype: {dtype or config.get('dtype', config.get('torch_dtype'))}",
               ]  # fmt: skip
+    lines += card_lineage(point.manifest.lineage)
     lines += [f"- source `{rel}` blake3: `{h}`" for rel, h in sorted(weights.items())]
     for k, v in sorted(point.manifest.versions.items()):
         lines.append(f"- {k} {v}")

@@ -21,6 +21,10 @@ from savepoints.manifest import HASH_ALGORITHM, manifest_hash_problem, read_mani
 
 __all__ = ["HASH_ALGORITHM", "Problem", "StreamHasher", "VerifyReport", "hash_file", "verify"]
 _READ_CHUNK = 16 * 1024 * 1024
+#: A save point's signature (OpenSSF Model Signing; savepoints.interop.signing), written
+#: after the commit. The hash check tolerates it beside the listed files and never reads
+#: it: only a check with a public key may trust it.
+SIGNATURE_NAME = "model.sig"
 
 
 class StreamHasher:
@@ -180,9 +184,8 @@ def verify_point(folder: Path, share: tuple[int, int] | None = None) -> VerifyRe
     listed = {rel: (e.size, e.hash) for rel, e in manifest.files.items()}
     index, count = share or (0, 1)
     expected = {rel: listed[rel] for rel in sorted(listed)[index::count]}
-    report = verify_files(
-        folder, expected, ignore={MANIFEST_NAME, *listed}, look_for_extra=index == 0
-    )
+    ignore = {MANIFEST_NAME, SIGNATURE_NAME, *listed}
+    report = verify_files(folder, expected, ignore=ignore, look_for_extra=index == 0)
     if index != 0:
         return report
     why = manifest_hash_problem(raw, manifest)

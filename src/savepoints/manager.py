@@ -42,6 +42,7 @@ from savepoints.integrity import Problem, VerifyReport, verify, verify_point, ve
 from savepoints.journal import Journal, session_fields
 from savepoints.keep import Keep, Mode, PointInfo
 from savepoints.layout import MANIFEST_NAME
+from savepoints.lineage import LineageSource, check_data_files
 from savepoints.restore import restore_into
 from savepoints.savepoint import PendingSave, SavePoint
 from savepoints.serialize import check_json
@@ -109,6 +110,13 @@ class SavePoints:
     or raise :class:`~savepoints.errors.RemotePushError`; a failed push never stops
     training (it is logged and tried again after the next save). ``Keep`` applies to the
     remote too, and local retention never deletes what is not pushed yet.
+
+    **Lineage**: every manifest records where its save point came from (the git commit
+    of the training code and whether it had uncommitted changes, the command, host and
+    session, the chain of save points it descends from across resumes; see
+    savepoints.lineage). ``data_files`` (paths of the files the training reads: files or
+    folders) adds their sizes, BLAKE3 hashes and one fingerprint; they are hashed once,
+    in the background, when the run opens.
     """
 
     def __init__(
@@ -126,6 +134,7 @@ class SavePoints:
         timeout: float | None = None,
         remote: str | os.PathLike[str] | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        data_files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None = None,
     ) -> None:
         if keep is not None and not isinstance(keep, Keep):
             raise InvalidArgumentError(
@@ -153,6 +162,7 @@ class SavePoints:
             raise InvalidArgumentError(
                 f"if_busy={if_busy!r} is not allowed.", "Use if_busy='wait' or if_busy='skip'."
             )
+        data = check_data_files(data_files)
         self.path = Path(path)
         self.keep = keep or Keep()
         # Integrations fill in a Keep from their own settings only when none was given.
@@ -224,6 +234,7 @@ class SavePoints:
                 keep_record=lambda: dataclasses.asdict(self.keep),
                 after_commit=self._committed,
                 journal=self._journal,
+                lineage=self._lineage_source(data),
             )
             return
         self._storage.open_for_writing()
@@ -241,7 +252,15 @@ class SavePoints:
             keep_record=lambda: dataclasses.asdict(self.keep),
             after_commit=self._committed,
             journal=self._journal,
+            lineage=self._lineage_source(data),
         )
+
+    def _lineage_source(self, data: tuple[Path, ...]) -> LineageSource | None:
+        """What this session's manifests record of their origin: gathered by the process
+        that writes them (rank 0), under the journal's session id."""
+        if self._journal is None:
+            return None
+        return LineageSource(self._journal.session, data)
 
     def _open_journal(self) -> None:
         self._journal = Journal(self.path)
@@ -784,6 +803,7 @@ class SavePoints:
         extra: Mapping[str, Any] | None = None,
         verify: bool = True,
         fallback: bool = True,
+        trusted_keys: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     ) -> dict[str, Any]:
         """Load a save point into live objects and return its user ``state``.
 
@@ -793,9 +813,28 @@ class SavePoints:
         them is changed. When the latest is asked
         for and it fails verification, the newest save point that verifies is restored
         instead, with a warning naming what was wrong (``fallback=False`` raises).
+
+        ``trusted_keys`` (public key files, PEM; ``pip install 'savepoints[sign]'``):
+        restore only a save point signed (``model.sig``, OpenSSF Model Signing) by one of
+        these keys and whose files are exactly the signed ones; otherwise a
+        :class:`~savepoints.errors.SigningError` (unsigned, signed by another key,
+        altered) and nothing is changed. The signature is checked on the save point the
+        hash check settled on: a latest that fails *verification* (a crash, bit rot)
+        falls back as above, and the older one must then be signed too; a latest that
+        verifies but is unsigned or untrusted is refused, never skipped for an older
+        signed one. Damage is something to recover from; a save point nobody vouched for
+        is a decision for the caller (restore a signed one by step or tag), and going
+        back in time without being asked would hide it.
         """
+        from savepoints.interop.signing import load_trusted_keys, require_trusted
+
+        # Bad key files fail here, before anything is hashed; model_signing is imported
+        # only when keys are given.
+        trust = None if trusted_keys is None else load_trusted_keys(trusted_keys)
         if self._ranks is not None:
             point = self._resolve_together(savepoint, verify, fallback)
+            if trust is not None:
+                require_trusted(point, trust, ranks=self._ranks)
             restore_into(point, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng,
                          extra=extra, ranks=self._ranks)  # fmt: skip
             self._restored(point)
@@ -807,20 +846,23 @@ class SavePoints:
                 point = self._newest_verifying(point, report)
             elif not report.ok:
                 report.raise_if_failed()
+        if trust is not None:
+            require_trusted(point, trust)
         restore_into(point, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng,
                      extra=extra, rank=self._rank)  # fmt: skip
         self._restored(point)
         return point.state
 
     def _restored(self, point: SavePoint) -> None:
+        # A save point of another run (a warm start) is no resume of this one.
+        try:
+            this_run = point.path.resolve().parent == self.path.resolve()
+        except OSError:
+            this_run = False
         if self._writer is not None:
-            self._writer.parent = point.step  # the next save point's parent
+            # The next save point's parent, and its lineage's chain.
+            self._writer.continue_from(point, this_run=this_run)
         if self._journal is not None:
-            # A save point of another run (a warm start) is no resume of this one.
-            try:
-                this_run = point.path.resolve().parent == self.path.resolve()
-            except OSError:
-                this_run = False
             self._journal.record("restore", step=point.step, pid=os.getpid(),
                                  path=str(point.path), this_run=this_run)  # fmt: skip
 

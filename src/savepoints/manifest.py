@@ -13,6 +13,11 @@ Designed to grow: ``files`` maps relative paths, so a sharded multi-rank save ad
 entry per rank's shard files and a content-addressed store keeps the same entries while
 the bytes live in shared blobs; ``contents`` says which logical component lives in which
 files, so new components (grad scaler, data loader state) add keys, not versions.
+
+``lineage`` (optional; absent in manifests written before it, and never required) says
+where a save point came from: the code's git commit, the training data's fingerprint, the
+command, host and session that wrote it, and the chain of save points it descends from.
+Gathered by lineage.py; its shape is checked here like every other field.
 """
 
 from __future__ import annotations
@@ -124,6 +129,93 @@ class Contents(TypedDict, total=False):
 COMPONENTS = ("model", "tokenizer", "optimizer", "scheduler", "rng")
 
 
+# --------------------------------------------------------------------------------------
+# ``lineage``: where a save point came from (gathered by lineage.py). Every key is
+# optional, and unknown keys (from a newer writer) are kept, at every level.
+
+
+class CodeInfo(TypedDict, total=False):
+    """The git repository of the training code, as it was when the run was opened."""
+
+    #: ``HEAD``'s commit (hex).
+    commit: str
+    #: Tracked files differed from the commit (untracked files do not count).
+    dirty: bool
+    #: The checked-out branch (absent when ``HEAD`` is detached).
+    branch: str
+    #: The repository's top folder.
+    root: str
+    #: ``remote.origin.url``, without any user name or password it held.
+    remote: str
+
+
+class DataFile(TypedDict, total=False):
+    """One file (or folder) the training declared it read."""
+
+    path: str
+    size: int
+    #: BLAKE3 of the bytes; of a folder, of the sorted list of its files' names, sizes
+    #: and hashes.
+    blake3: str
+    #: A folder: how many files it held.
+    files: int
+
+
+class DataInfo(TypedDict, total=False):
+    """The training data: each declared file, and one fingerprint over them all (their
+    sizes and hashes in the declared order: the same bytes wherever they lie)."""
+
+    fingerprint: str
+    files: list[DataFile]
+
+
+class ChainFrom(TypedDict, total=False):
+    """The save point a session continued from: its step, and its folder when it is
+    not one of this run's (a warm start from another run)."""
+
+    step: int
+    path: str
+
+
+#: One session's stretch of the chain: the steps it saved that this save point descends
+#: from (newest first; ``more``: how many older ones of it are left out), and the save
+#: point it continued from (``from``: null when it started afresh). A new link is a
+#: process boundary: a resume.
+ChainLink = TypedDict(
+    "ChainLink",
+    {"session": str, "steps": list[int], "more": int, "from": ChainFrom | None},
+    total=False,
+)
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """A manifest's ``lineage``. Library versions are the manifest's ``versions``."""
+
+    #: The writing session (one ``SavePoints`` opening): the run journal's session id.
+    session: str | None = None
+    code: CodeInfo | None = None
+    data: DataInfo | None = None
+    #: The command line (the program without its folder, then the arguments).
+    command: tuple[str, ...] | None = None
+    host: str | None = None
+    #: This save point's ancestry, newest first; the first link's first step is its own.
+    chain: tuple[ChainLink, ...] = ()
+    #: Keys a newer writer added; kept.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        known: dict[str, Any] = {
+            "session": self.session, "code": self.code, "data": self.data,
+            "command": None if self.command is None else list(self.command),
+            "host": self.host, "chain": list(self.chain) or None,
+        }  # fmt: skip
+        return {**self.extra, **{k: v for k, v in known.items() if v is not None}}
+
+
+_LINEAGE_KEYS = {"session", "code", "data", "command", "host", "chain"}
+
+
 @dataclass(frozen=True)
 class FileEntry:
     size: int
@@ -145,6 +237,8 @@ class Manifest:
     keep: dict[str, Any] | None = None
     #: An emergency save point taken on a preemption request: the signal that asked.
     preempted: str | None = None
+    #: Where it came from (code, data, command, chain); None in older manifests.
+    lineage: Lineage | None = None
     hash_algorithm: str = HASH_ALGORITHM
     format_version: int = FORMAT_VERSION
     #: Fields written by a newer minor revision that this reader does not know; kept.
@@ -155,7 +249,9 @@ class Manifest:
         return sum(e.size for e in self.files.values())
 
     def to_json(self) -> dict[str, Any]:
-        marks = {} if self.preempted is None else {"preempted": self.preempted}
+        marks: dict[str, Any] = {} if self.preempted is None else {"preempted": self.preempted}
+        if self.lineage is not None:
+            marks["lineage"] = self.lineage.to_json()
         return {
             **self.extra,
             "format": FORMAT_NAME,
@@ -181,6 +277,7 @@ class Manifest:
 _KNOWN = {
     "format", "format_version", "step", "created", "metrics", "tags", "state", "parent",
     "contents", "versions", "keep", "hash_algorithm", "files", "manifest_hash", "preempted",
+    "lineage",
 }  # fmt: skip
 
 #: The manifest's own hash: BLAKE3 of its bytes with this field's value written as 64
@@ -328,6 +425,12 @@ def parse_manifest(data: Any, path: Path | str) -> Manifest:
     preempted = data.get("preempted")
     if preempted is not None and not isinstance(preempted, str):
         raise bad("'preempted' is neither null nor a string")
+    lineage = data.get("lineage")
+    if lineage is not None:
+        why = _lineage_problem(lineage)
+        if why is not None:
+            raise bad(why)
+        lineage = _lineage(lineage)
     algorithm = data.get("hash_algorithm")
     if algorithm != HASH_ALGORITHM:
         raise bad(f"'hash_algorithm' is {algorithm!r}; this savepoints checks {HASH_ALGORITHM!r}")
@@ -361,6 +464,7 @@ def parse_manifest(data: Any, path: Path | str) -> Manifest:
         versions={str(k): str(v) for k, v in versions.items()},
         keep=keep,
         preempted=preempted,
+        lineage=lineage,
         hash_algorithm=algorithm,
         format_version=version,
         extra={k: v for k, v in data.items() if k not in _KNOWN},
@@ -469,6 +573,83 @@ def _ranks_problem(ranks: Any) -> str | None:
                 if why is not None:
                     return why
     return None
+
+
+def _lineage_problem(lineage: Any) -> str | None:
+    """Why ``lineage`` does not have the shape of :class:`Lineage`, or None."""
+    if not isinstance(lineage, dict):
+        return "'lineage' is not an object"
+    for key in ("session", "host"):
+        if key in lineage and not isinstance(lineage[key], str):
+            return f"'lineage.{key}' is not a string"
+    command = lineage.get("command", [])
+    if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
+        return "'lineage.command' is not a list of strings"
+    code = lineage.get("code", {})
+    if not isinstance(code, dict):
+        return "'lineage.code' is not an object"
+    for key in ("commit", "branch", "root", "remote"):
+        if key in code and not isinstance(code[key], str):
+            return f"'lineage.code.{key}' is not a string"
+    if "dirty" in code and not isinstance(code["dirty"], bool):
+        return "'lineage.code.dirty' is not true or false"
+    data = lineage.get("data", {})
+    if not isinstance(data, dict):
+        return "'lineage.data' is not an object"
+    if "fingerprint" in data and not isinstance(data["fingerprint"], str):
+        return "'lineage.data.fingerprint' is not a string"
+    files = data.get("files", [])
+    if not isinstance(files, list):
+        return "'lineage.data.files' is not a list"
+    for i, entry in enumerate(files):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("path"), str)
+            or not _is_count(entry.get("size"))
+            or not isinstance(entry.get("blake3"), str)
+            or ("files" in entry and not _is_count(entry["files"]))
+        ):
+            return f"'lineage.data.files[{i}]' lacks a string 'path', a size or a 'blake3'"
+    chain = lineage.get("chain", [])
+    if not isinstance(chain, list):
+        return "'lineage.chain' is not a list"
+    for i, link in enumerate(chain):
+        where = f"'lineage.chain[{i}]'"
+        if not isinstance(link, dict):
+            return f"{where} is not an object"
+        if "session" in link and not isinstance(link["session"], str):
+            return f"{where}.session is not a string"
+        steps = link.get("steps", [])
+        if not isinstance(steps, list) or not all(_is_count(s) for s in steps):
+            return f"{where}.steps is not a list of steps"
+        if "more" in link and not _is_count(link["more"]):
+            return f"{where}.more is not a count"
+        came = link.get("from")
+        if came is not None and (
+            not isinstance(came, dict)
+            or not _is_count(came.get("step"))
+            or ("path" in came and not isinstance(came["path"], str))
+        ):
+            return f"{where}.from is neither null nor an object with a 'step'"
+    return None
+
+
+def _lineage(data: dict[str, Any]) -> Lineage:
+    """A :class:`Lineage` of a checked ``lineage`` object."""
+    command = data.get("command")
+    return Lineage(
+        session=data.get("session"),
+        code=cast(CodeInfo, data["code"]) if "code" in data else None,
+        data=cast(DataInfo, data["data"]) if "data" in data else None,
+        command=None if command is None else tuple(command),
+        host=data.get("host"),
+        chain=tuple(cast(list[ChainLink], data.get("chain", []))),
+        extra={k: v for k, v in data.items() if k not in _LINEAGE_KEYS},
+    )
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _is_number(v: Any) -> bool:

@@ -40,6 +40,7 @@ from savepoints.errors import (
     SavePointsError,
 )
 from savepoints.journal import Journal
+from savepoints.lineage import Ancestry, LineageSource, lineage_for
 from savepoints.manifest import Contents, FileEntry, Manifest
 from savepoints.preemption import preemption_request
 from savepoints.savepoint import PendingSave, SavePoint
@@ -125,9 +126,12 @@ class Writer:
         keep_record: Callable[[], dict[str, Any]],
         after_commit: Callable[[int, int, int], None],
         journal: Journal | None = None,
+        lineage: LineageSource | None = None,
     ) -> None:
         self.storage = storage
         self.journal = journal
+        #: What each manifest records of its origin (None: no ``lineage`` in them).
+        self.lineage = lineage
         self.async_save = async_save
         self._keep_record = keep_record
         self._after_commit = after_commit
@@ -139,8 +143,22 @@ class Writer:
         self._wait_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._copy_pool: ThreadPoolExecutor | None = None
-        #: Step of the save point this run continued from (the last save or restore).
-        self.parent: int | None = None
+        #: The save point the next one continues from (the last save or restore).
+        self.ancestry = Ancestry()
+
+    @property
+    def parent(self) -> int | None:
+        """Step of the save point the next one continues from (the last save or restore)."""
+        return self.ancestry.parent
+
+    @parent.setter
+    def parent(self, step: int | None) -> None:
+        self.ancestry = Ancestry(step)  # what came before it is unknown
+
+    def continue_from(self, point: SavePoint, *, this_run: bool = True) -> None:
+        """The next save point continues from ``point`` (just restored), and inherits its
+        chain; of another run (a warm start), its folder is recorded too."""
+        self.ancestry = continued_from(point, this_run=this_run)
 
     @property
     def snapshot(self) -> SnapshotMode:
@@ -186,7 +204,9 @@ class Writer:
             snap.abandon()
             staged.abort()
             _raise_clearly(e, self.storage.root, step)
-        parent, self.parent = self.parent, step
+        parent = self.ancestry.parent
+        session = None if self.lineage is None else self.lineage.session
+        self.ancestry, chain = self.ancestry.then(step, session)
         # The deferred copy runs at normal priority (the next optimizer step may wait for
         # it); writing and hashing at a lower one (see _executor).
         copied = self._copier().submit(snap.copy_deferred) if snap.deferred else None
@@ -213,6 +233,7 @@ class Writer:
                     versions=versions(),
                     keep=self._keep_record(),
                     preempted=preempted,
+                    lineage=lineage_for(self.lineage, chain),
                 )
                 snap.before_commit()
                 new = new_bytes(self.storage, manifest.files)
@@ -315,6 +336,17 @@ class Writer:
         if self._copy_pool is None:
             self._copy_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=COPY_PREFIX)
         return self._copy_pool
+
+
+def continued_from(point: SavePoint, *, this_run: bool) -> Ancestry:
+    """The ancestry of a save point written after restoring ``point``."""
+    elsewhere = None
+    if not this_run:
+        try:
+            elsewhere = str(point.path.resolve())
+        except OSError:
+            elsewhere = str(point.path.absolute())
+    return Ancestry.restored(point.manifest, elsewhere)
 
 
 def replaces(storage: Storage, step: int, overwrite: bool) -> bool:

@@ -9,10 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.padding import Padding
 from rich.table import Table
 from rich.tree import Tree
 
-from savepoints import SavePoint, SavePoints, SavePointsError, VerifyReport, verify
+from savepoints import (
+    InvalidArgumentError,
+    SavePoint,
+    SavePoints,
+    SavePointsError,
+    VerifyReport,
+    verify,
+)
 from savepoints.cli.output import (
     console,
     echo_json,
@@ -34,6 +42,7 @@ from savepoints.cli.remote import (
 from savepoints.cli.resolve import KEYWORDS, is_point_folder, open_run, pick, resolve
 from savepoints.diff import ModelView, diff_models
 from savepoints.layout import parse_step
+from savepoints.lineage import lineage_rows
 
 
 def _best_step(points: SavePoints, listed: list[SavePoint], metric: str | None) -> int | None:
@@ -173,7 +182,8 @@ def describe_component(name: str, info: object) -> str:
 def show_cmd(run: str, step: str | None, as_json: bool) -> None:
     """Show one save point of RUN (a folder or a remote URL; default the latest; STEP may
     be a number, a tag, 'latest' or 'best'), or a save point FOLDER: files, sizes,
-    metrics, state, versions."""
+    metrics, state, lineage (code commit, data, command, host, the chain of save points
+    across resumes), versions."""
     sp = remote_point(run, step) if is_remote(run) else resolve(Path(run), step)
     if as_json:
         echo_json({"path": point_summary(sp)["path"], **sp.manifest.to_json()})
@@ -205,34 +215,58 @@ def show_cmd(run: str, step: str | None, as_json: bool) -> None:
     for rel, e in sorted(m.files.items()):
         ft.add_row(esc(rel), human_bytes(e.size), f"[dim]{e.hash[:16]}[/]")
     console.print(ft)
+    lineage = Table.grid(padding=(0, 2))
+    lineage.add_column(style="bold")
+    lineage.add_column()
+    for label, text in lineage_rows(m.lineage, size=human_bytes):
+        lineage.add_row(esc(label), esc(text))
+    console.print("[bold]lineage[/]")
+    console.print(Padding(lineage, (0, 0, 0, 2)))
     console.print(
         "[bold]versions[/]  " + "  ".join(f"{k} {v}" for k, v in sorted(m.versions.items()))
     )
 
 
-def _report_json(r: VerifyReport) -> dict[str, Any]:
+def _report_json(r: VerifyReport, signatures: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A verify report as JSON; with ``signatures`` (verify --key), each save point's
+    signature check too, and ``ok`` only when it passed."""
+    signatures = signatures or {}
+    sig = signatures.get(str(r.path))
+    children = [_report_json(c, signatures) for c in r.children]
+    ok = r.ok and (sig is None or sig["ok"]) and all(c["ok"] for c in children)
     return {
         "path": str(r.path),
-        "ok": r.ok,
+        "ok": ok,
         "files_checked": r.files_checked,
         "bytes_checked": r.bytes_checked,
         "problems": [{"kind": p.kind, "file": p.path, "detail": p.detail} for p in r.problems],
-        **({"save_points": [_report_json(c) for c in r.children]} if r.children else {}),
+        **({"signature": sig} if sig is not None else {}),
+        **({"save_points": children} if children else {}),
     }
 
 
 @click.command("verify")
 @click.argument("target", metavar="PATH", type=click.Path(path_type=str))
 @click.argument("step", required=False)
+@click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path),
+              help="Also check the signature (savepoints sign) with this public key (PEM); "
+              "repeat for several trusted signers.")  # fmt: skip
 @json_option("Print the report as JSON.")
-def verify_cmd(target: str, step: str | None, as_json: bool) -> None:
+def verify_cmd(target: str, step: str | None, keys: tuple[Path, ...], as_json: bool) -> None:
     """Re-hash every file of a run's save points, of one of them (STEP: a number, a tag,
     'latest' or 'best'), or of one save point FOLDER. PATH may be a remote URL
     (s3://bucket/prefix...): its files are downloaded and hashed, nothing is written.
+    With --key, each one's signature is checked too; PATH may then also be an exported
+    folder or ONNX bundle.
 
     Exit status 0 only when everything verifies, 3 when anything is missing, extra,
-    truncated or altered.
+    truncated or altered, or (with --key) unsigned or not signed by a trusted key.
     """
+    if keys and is_remote(target):
+        raise InvalidArgumentError(
+            "Signatures are checked on local folders; --key does not apply to a remote URL.",
+            f"Pull it first (savepoints pull {target} RUN), then verify RUN --key ...",
+        )
     if is_remote(target):
         with spinner(f"downloading and verifying {target} ..."):
             children = remote_verify(target, step)
@@ -245,10 +279,13 @@ def verify_cmd(target: str, step: str | None, as_json: bool) -> None:
         # A folder named like a save point is verified as one even without its manifest:
         # an uncommitted or damaged save point is what verify is there to report.
         one_point = is_point_folder(path) or parse_step(path.name) is not None
+        if keys and not one_point and not (path / ".savepoints").is_dir() and path.is_dir():
+            return _verify_folder_signature(path, keys, as_json)
         with spinner(f"verifying {path} ..."):
             report = verify(path)
+    signatures = _check_signatures([report] if one_point else report.children, keys)
     if as_json:
-        echo_json(_report_json(report))
+        echo_json(_report_json(report, signatures))
     else:
         reports = [report] if one_point else report.children
         if not reports:
@@ -259,15 +296,76 @@ def verify_cmd(target: str, step: str | None, as_json: bool) -> None:
             console.print(f"{status}  {esc(str(r.path))}  ({r.files_checked} files, {size})")
             for p in r.problems:
                 console.print(f"    [red]{p.kind:9}[/] {esc(f'{p.path}: {p.detail}')}")
-        bad = sum(1 for r in reports if not r.ok)
+            if keys:
+                _print_signature(signatures[str(r.path)])
+        bad = sum(1 for r in reports if not r.ok or not signatures.get(str(r.path), _OK)["ok"])
         if reports:
+            what = "verified and signed by a trusted key" if keys else "verified"
             summary = (
-                f"[green]all {len(reports)} save point(s) verified[/]"
+                f"[green]all {len(reports)} save point(s) {what}[/]"
                 if not bad
                 else f"[bold red]{bad} of {len(reports)} save point(s) failed verification[/]"
             )
             console.print(summary)
-    if not report.ok:
+    if not report.ok or not all(s["ok"] for s in signatures.values()):
+        sys.exit(3)
+
+
+_OK: dict[str, Any] = {"ok": True}
+
+
+def _check_signatures(reports: list[VerifyReport], keys: tuple[Path, ...]) -> dict[str, Any]:
+    """Each save point's signature checked with ``keys`` (nothing without keys): by path,
+    ``{"ok", "key", "key_id", "files"}`` or ``{"ok": False, "error", "hint"}``."""
+    if not keys:
+        return {}
+    from savepoints.interop.signing import load_trusted_keys
+
+    trusted = load_trusted_keys(keys)  # a bad key file fails once, before any hashing
+    return {str(r.path): _signature_of(Path(r.path), trusted) for r in reports}
+
+
+def _signature_of(folder: Path, keys: Any) -> dict[str, Any]:
+    from savepoints.errors import KeyFileError, SigningError
+    from savepoints.interop.signing import verify_signature
+
+    try:
+        with spinner(f"checking the signature of {folder} ..."):
+            sig = verify_signature(folder, keys)
+    except KeyFileError:
+        raise
+    except SigningError as e:
+        return {"ok": False, "error": e.message, "hint": e.hint}
+    return {"ok": True, "key": str(sig.key), "key_id": sig.key_id, "files": sig.files_covered}
+
+
+def _print_signature(sig: dict[str, Any]) -> None:
+    if sig["ok"]:
+        console.print(f"    [green]signed[/]    by {esc(sig['key'])} (key {sig['key_id'][:16]}), "
+                      f"{sig['files']} files covered")  # fmt: skip
+    else:
+        console.print(f"    [red]signature[/] {esc(sig['error'])}")
+        console.print(f"              [dim]{esc(sig['hint'])}[/]")
+
+
+def _verify_folder_signature(path: Path, keys: tuple[Path, ...], as_json: bool) -> None:
+    """``verify FOLDER --key``: an exported folder or ONNX bundle (no manifest): its
+    signature, and for a bundle the hashes the export recorded."""
+    from savepoints.interop.onnx_bundle import OnnxBundle, is_bundle
+    from savepoints.interop.signing import load_trusted_keys
+
+    problems = [str(p) for p in OnnxBundle(path).verify()] if is_bundle(path) else []
+    sig = _signature_of(path, load_trusted_keys(keys))
+    if as_json:
+        echo_json({"path": str(path), "ok": not problems and sig["ok"], "problems": problems,
+                   "signature": sig})  # fmt: skip
+    else:
+        status = "[green]OK[/]" if not problems and sig["ok"] else "[bold red]FAILED[/]"
+        console.print(f"{status}  {esc(str(path))}")
+        for p in problems:
+            console.print(f"    [red]altered[/]   {esc(p)}")
+        _print_signature(sig)
+    if problems or not sig["ok"]:
         sys.exit(3)
 
 

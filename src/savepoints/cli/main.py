@@ -26,6 +26,8 @@ DEBUG_ENV = "SAVEPOINTS_DEBUG"
 # package...) and any OSError exits 1; Ctrl-C 130; click's usage errors 2.
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (errors.CorruptSavePointError, 3),  # verification failed: something was altered
+    (errors.KeyFileError, 1),  # a key file that cannot be used: a bad argument
+    (errors.SigningError, 3),  # unsigned, signed by another key, or altered since
     (errors.ManifestError, 3),
     (errors.UnsupportedFormatError, 4),  # written by a newer savepoints
     (errors.RunLockedError, 5),  # another process is writing the run
@@ -62,6 +64,7 @@ COMMANDS = {
     "report": "report:report_cmd",
     "train": "train:train_cmd",
     "predict": "predict:predict_cmd",
+    "sign": "sign:sign_cmd",
     "export": "transfer:export_cmd",
     "import": "transfer:import_cmd",
     "publish": "publish:publish_cmd",

@@ -9,9 +9,18 @@ from pathlib import Path
 import click
 
 from savepoints import InvalidArgumentError, RunNotFoundError, SavePoint, SavePoints
-from savepoints.cli.output import console, done, echo_json, human_bytes, json_option, table
+from savepoints.cli.output import (
+    console,
+    done,
+    echo_json,
+    esc,
+    human_bytes,
+    json_option,
+    table,
+)
 from savepoints.cli.remote import is_remote, remote_pick, remote_points, remote_usage
 from savepoints.cli.resolve import open_run, pick
+from savepoints.integrity import SIGNATURE_NAME
 from savepoints.storage.remote import DEFAULT_GC_GRACE, RemoteRun
 
 run_argument = click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
@@ -29,6 +38,17 @@ def tag_cmd(run: Path, step: str, name: str) -> None:
     with open_run(run, write=True) as points:
         point = points.tag(pick(points, step).step, name)
     done(f"step {point.step} tagged {name!r}: {', '.join(point.tags)}")
+    _warn_if_signed(point)
+
+
+def _warn_if_signed(point: SavePoint) -> None:
+    """Tags live in the manifest, which the signature covers."""
+    if (point.path / SIGNATURE_NAME).is_file():
+        console.print(
+            f"[yellow]note[/]: step {point.step} was signed; its manifest changed, so the "
+            f"signature no longer matches. Sign it again: savepoints sign "
+            f"{esc(str(point.path))} --key private.pem"
+        )
 
 
 @click.command("untag")
@@ -40,6 +60,7 @@ def untag_cmd(run: Path, step: str, name: str) -> None:
     with open_run(run, write=True) as points:
         point = points.untag(pick(points, step).step, name)
     done(f"removed tag {name!r} from step {point.step}")
+    _warn_if_signed(point)
 
 
 def _pick_all(points: SavePoints, steps: tuple[str, ...]) -> list[SavePoint]:

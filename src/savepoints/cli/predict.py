@@ -72,6 +72,9 @@ def load_classifier(path: Path, step: int) -> tuple[Any, Any]:
 @click.option("--step", help="Use this save point: a step, a tag, 'latest' or 'best'.")
 @click.option("--latest", is_flag=True, help="Use the latest save point instead of the best.")
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing the save point first.")
+@click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path),
+              help="Refuse the model unless it is signed (savepoints sign) by this public "
+              "key (PEM); repeat for several trusted signers.")  # fmt: skip
 @json_option("One JSON object per line, one line per text.")
 def predict_cmd(
     target: Path,
@@ -80,6 +83,7 @@ def predict_cmd(
     step: str | None,
     latest: bool,
     no_verify: bool,
+    keys: tuple[Path, ...],
     as_json: bool,
 ) -> None:
     """Classify texts with the best save point of TARGET (a run), a save point FOLDER, or
@@ -91,9 +95,9 @@ def predict_cmd(
                 "not apply.",
                 "Drop them, or point predict at the run the bundle was exported from.",
             )
-        rows = _predict_onnx(target, read_texts(texts, file), no_verify, as_json)
+        rows = _predict_onnx(target, read_texts(texts, file), no_verify, keys, as_json)
     else:
-        rows = _predict_torch(target, texts, file, step, latest, no_verify, as_json)
+        rows = _predict_torch(target, texts, file, step, latest, no_verify, keys, as_json)
     if as_json:
         echo_json_lines(rows)
         return
@@ -102,12 +106,25 @@ def predict_cmd(
         console.print(f"[bold]{label}[/] {r['probability']:6.1%}  {text}")
 
 
+def require_signed(folder: Path, keys: tuple[Path, ...], as_json: bool) -> None:
+    """With --key: refuse ``folder`` unless one of ``keys`` signed exactly its files."""
+    if not keys:
+        return
+    from savepoints.interop.signing import check_trusted
+
+    sig = check_trusted(folder, keys)
+    if not as_json:
+        console.print(f"[dim]signed by {esc(str(sig.key))} (key {sig.key_id[:16]}), "
+                      f"{sig.files_covered} files[/]")  # fmt: skip
+
+
 def _predict_onnx(
-    target: Path, inputs: list[str], no_verify: bool, as_json: bool
+    target: Path, inputs: list[str], no_verify: bool, keys: tuple[Path, ...], as_json: bool
 ) -> list[dict[str, Any]]:
     bundle = OnnxBundle(target)
     if not no_verify:
         bundle.raise_if_altered()
+    require_signed(target, keys, as_json)
     if not as_json:
         src = bundle.source
         precision = bundle.quantize or "fp32"
@@ -123,6 +140,7 @@ def _predict_torch(
     step: str | None,
     latest: bool,
     no_verify: bool,
+    keys: tuple[Path, ...],
     as_json: bool,
 ) -> list[dict[str, Any]]:
     need_transformers("predict")
@@ -138,6 +156,7 @@ def _predict_torch(
     inputs = read_texts(texts, file)
     if not no_verify:
         point.verify().raise_if_failed()
+    require_signed(point.path, keys, as_json)
     model, tokenizer = load_classifier(point.path, point.step)
     if not as_json:
         metrics = ", ".join(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,12 @@ class FinetuneConfig:
     max_eval_examples: int | None = None
 
     def __post_init__(self) -> None:
+        # Paths given as pathlib objects are kept as text: the config goes into the
+        # save point's JSON state.
+        for name in ("train_file", "eval_file", "run", "model"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, os.fspath(value))
         if not 0 < self.eval_fraction < 1:
             raise InvalidArgumentError(
                 f"eval fraction {self.eval_fraction} must be between 0 and 1.",
@@ -501,7 +508,10 @@ def finetune(
     )
     keep = Keep(last=cfg.keep_last, best=cfg.keep_best, metric=metric, mode="max")
     # With a remote, an empty run folder resumes from the remote's latest save point.
-    points = SavePoints(cfg.run, keep=keep, remote=remote, storage_options=storage_options)
+    # The data files read go into every manifest's lineage (their hashes, a fingerprint).
+    data_files = [cfg.train_file, *([cfg.eval_file] if cfg.eval_file else [])]
+    points = SavePoints(cfg.run, keep=keep, remote=remote, storage_options=storage_options,
+                        data_files=data_files)  # fmt: skip
     if on_commit is not None:
         points.on_commit(on_commit)
     latest = points.latest()

@@ -85,8 +85,14 @@ def _require(feature: str) -> None:
                             ("onnxscript", "onnxscript")):  # fmt: skip
         try:
             __import__(module)
-        except ImportError:
-            raise MissingDependencyError(feature, package, "onnx") from None
+        except ImportError as e:
+            if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == module:
+                raise MissingDependencyError(feature, package, "onnx") from None
+            raise OnnxExportError(  # installed, but it does not import: say why
+                f"{feature} needs {package}, which is installed but cannot be imported: {e}",
+                "Reinstall it (pip install -U 'savepoints[onnx]'); set SAVEPOINTS_DEBUG=1 "
+                "for the traceback.",
+            ) from e
 
 
 def export_onnx(

