@@ -201,7 +201,7 @@ def test_commands_are_registered_in_one_list():
     assert set(names) == {
         "list", "show", "verify", "train", "predict", "export", "import", "tag", "untag",
         "rm", "diff", "du", "gc", "compact", "expand", "demo", "push", "pull", "publish", "log",
-        "report",
+        "report", "sign",
     }  # fmt: skip
     assert all(cli.get_command(ctx, name).name == name for name in names)
     assert cli.get_command(ctx, "nonsense") is None

@@ -61,7 +61,7 @@ def test_an_fp32_export_matches_pytorch_at_any_batch_and_length(gpt2_run, tmp_pa
     done = runner.invoke(cli, ["export", str(gpt2_run), str(out), "--format", "onnx",
                                "--step", "10"])  # fmt: skip
     assert done.exit_code == 0, done.output
-    assert "parity with PyTorch on 16 texts: max |Δ logit|" in " ".join(done.output.split())
+    assert "parity with PyTorch on 64 texts: max |Δ logit|" in " ".join(done.output.split())
     info = json.loads((out / "savepoints-onnx.json").read_text())
     assert info["parity"]["max_abs_diff"] <= 1e-4 and info["parity"]["agreement"] == 1.0
     assert info["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
@@ -168,9 +168,18 @@ def test_predict_on_a_bundle_runs_without_torch_and_says_what_pytorch_says(gpt2_
     assert expected.exit_code == 0, expected.output
     expected_rows = [json.loads(line) for line in expected.stdout.splitlines()]
 
-    def predict(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-c", NO_TORCH, "predict", *args],
+    def no_torch(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", NO_TORCH, *args],
                               capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    def predict(*args: str) -> subprocess.CompletedProcess[str]:
+        return no_torch("predict", *args)
+
+    # Without torch, the other commands still list, and say what they need.
+    listed = no_torch("--help")
+    assert listed.returncode == 0 and "predict" in listed.stdout and "Needs torch" in listed.stdout
+    needs = no_torch("list", str(gpt2_run))
+    assert needs.returncode == 1 and "pip install torch" in needs.stderr
 
     done = predict(str(out), *texts, "--json")
     assert done.returncode == 0, done.stderr
@@ -190,7 +199,8 @@ def test_predict_on_a_bundle_runs_without_torch_and_says_what_pytorch_says(gpt2_
         private, public = _write_pair(tmp_path, "ship")
         _, stranger = _write_pair(tmp_path, "stranger")
         assert runner.invoke(cli, ["predict", str(out), "x", "--key", str(public)]).exit_code == 3
-        assert runner.invoke(cli, ["sign", str(out), "--key", str(private)]).exit_code == 0
+        signed = no_torch("sign", str(out), "--key", str(private))
+        assert signed.returncode == 0 and "signed folder" in signed.stdout, signed.stderr
         trusted = predict(str(out), *texts, "--key", str(public))
         assert trusted.returncode == 0 and "signed by" in trusted.stdout, trusted.stderr
         refused = predict(str(out), "hello", "--key", str(stranger), "--json")
@@ -203,6 +213,12 @@ def test_predict_on_a_bundle_runs_without_torch_and_says_what_pytorch_says(gpt2_
     altered = predict(str(out), "hello")
     assert altered.returncode == 3 and "model.onnx (altered)" in altered.stderr
     assert "--no-verify" in altered.stderr
+    # A bundle that records no hashes cannot be verified: refused unless --no-verify.
+    info = json.loads((out / "savepoints-onnx.json").read_text())
+    info.pop("files")
+    (out / "savepoints-onnx.json").write_text(json.dumps(info))
+    unlisted = runner.invoke(cli, ["predict", str(out), "hello"])
+    assert unlisted.exit_code == 3 and "records no file hashes" in " ".join(unlisted.output.split())
     stepped = predict(str(out), "hello", "--step", "10")
     assert stepped.returncode == 1 and "holds one model" in " ".join(stepped.stderr.split())
 

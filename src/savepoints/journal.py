@@ -22,10 +22,12 @@ import logging
 import math
 import os
 import platform
+import re
 import secrets
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,13 +143,56 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def session_fields() -> dict[str, Any]:
-    """What an ``open`` line says of the process: who, where, with what command."""
+    """What an ``open`` line says of the process: who, where, with what command (its
+    secrets masked: see :func:`redact_argv`)."""
     return {
         "pid": os.getpid(),
         "host": platform.node(),
-        "argv": [os.path.basename(sys.argv[0]), *sys.argv[1:]] if sys.argv else [],
+        "argv": redact_argv([os.path.basename(sys.argv[0]), *sys.argv[1:]] if sys.argv else []),
         "python": platform.python_version(),
     }
+
+
+#: Options whose value is a secret (``--hub_token X``, ``--password=X``, ``--api-key X``).
+_SECRET_OPTION = re.compile(r"^--?[\w-]*(token|passw|secret|api[-_]?key|auth|credential)",
+                            re.IGNORECASE)  # fmt: skip
+MASK = "***"
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """``argv`` as it may be written down (journal, manifests, published model cards):
+    the values of options named like a secret masked, and URLs without their user
+    part and query (``https://user:token@host/...``, ``...?sig=SAS``)."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next and not arg.startswith("-"):
+            out.append(MASK)
+            hide_next = False
+            continue
+        hide_next = False
+        name, eq, _ = arg.partition("=")
+        if _SECRET_OPTION.match(name):
+            if eq:
+                out.append(f"{name}={MASK}")
+            else:
+                out.append(arg)
+                hide_next = True
+            continue
+        out.append(url_without_secrets(arg) if "://" in arg else arg)
+    return out
+
+
+def url_without_secrets(url: str) -> str:
+    """``url`` without the user name and password it may carry and with its query masked
+    (a signed URL's signature, a token parameter)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return MASK
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = MASK if parts.query else ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 @dataclass

@@ -38,7 +38,6 @@ import sys
 import sysconfig
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from pathlib import Path
 import blake3
 
 from savepoints.errors import InvalidArgumentError
-from savepoints.journal import session_fields
+from savepoints.journal import session_fields, url_without_secrets
 from savepoints.manifest import (
     ChainFrom,
     ChainLink,
@@ -149,7 +148,9 @@ def probe_code(folder: Path) -> CodeInfo | None:
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [git, "-C", str(folder), *args], capture_output=True, text=True,
+            # fsmonitor: a repository's config must not make us run its hook program.
+            [git, "-c", "core.fsmonitor=false", "-C", str(folder), *args],
+            capture_output=True, text=True,
             encoding="utf-8", errors="replace", timeout=GIT_TIMEOUT, env=env,
             stdin=subprocess.DEVNULL, check=False,
         )  # fmt: skip
@@ -175,21 +176,13 @@ def probe_code(folder: Path) -> CodeInfo | None:
 
 
 def _without_credentials(url: str) -> str | None:
-    """A remote URL without the user name and password an https URL may carry (a token
-    there would otherwise end up in every manifest); None for none, or one that does
-    not parse."""
+    """A remote URL without the user name and password an https URL may carry, or a
+    query (a token there would otherwise end up in every manifest); None for none."""
     if not url:
         return None
     if "://" not in url:
         return url  # scp-like (git@host:path) or a path: no secret in it
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return None
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+    return url_without_secrets(url)
 
 
 _CODE: dict[Path, CodeInfo | None] = {}
@@ -424,6 +417,7 @@ class LineageSource:
         self._folder: Path | None = None
         self._code: CodeInfo | None = None
         self._data: DataInfo | None = None
+        self._waited = False
         try:
             about = session_fields()  # what the journal's "open" line says of the process
             self.command, self.host = _command(about["argv"]), str(about["host"])
@@ -456,7 +450,9 @@ class LineageSource:
 
     def lineage(self, chain: Sequence[ChainLink]) -> Lineage:
         """The lineage of a save point whose chain is ``chain``."""
-        if self._thread is not None:
+        if self._thread is not None and not self._waited:
+            # Only the first save point waits: later ones take what has arrived.
+            self._waited = True
             self._thread.join(GATHER_WAIT)
             if self._thread.is_alive():  # a huge repository, or data: the next saves get it
                 late = f"not ready after {GATHER_WAIT:g} s; later save points get them"

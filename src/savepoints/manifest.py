@@ -23,6 +23,7 @@ Gathered by lineage.py; its shape is checked here like every other field.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -33,6 +34,8 @@ from typing import Any, Literal, TypedDict, cast
 import blake3
 
 from savepoints.errors import ManifestError, UnsupportedFormatError
+
+log = logging.getLogger("savepoints")
 
 #: The content hash every file entry uses (see integrity.py).
 HASH_ALGORITHM = "blake3"
@@ -426,11 +429,17 @@ def parse_manifest(data: Any, path: Path | str) -> Manifest:
     if preempted is not None and not isinstance(preempted, str):
         raise bad("'preempted' is neither null nor a string")
     lineage = data.get("lineage")
+    odd_lineage: dict[str, Any] = {}
     if lineage is not None:
         why = _lineage_problem(lineage)
-        if why is not None:
-            raise bad(why)
-        lineage = _lineage(lineage)
+        if why is None:
+            lineage = _lineage(lineage)
+        else:
+            # Lineage is a record of origin, never needed to load or resume: a save point
+            # whose lineage a newer (or another) writer shaped otherwise stays usable.
+            # Its value is kept as written (the self-hash still covers it) but not read.
+            log.warning("savepoints: the lineage in %s is not read: %s", path, why)
+            odd_lineage, lineage = {"lineage": lineage}, None
     algorithm = data.get("hash_algorithm")
     if algorithm != HASH_ALGORITHM:
         raise bad(f"'hash_algorithm' is {algorithm!r}; this savepoints checks {HASH_ALGORITHM!r}")
@@ -467,7 +476,7 @@ def parse_manifest(data: Any, path: Path | str) -> Manifest:
         lineage=lineage,
         hash_algorithm=algorithm,
         format_version=version,
-        extra={k: v for k, v in data.items() if k not in _KNOWN},
+        extra={**{k: v for k, v in data.items() if k not in _KNOWN}, **odd_lineage},
     )
 
 

@@ -81,6 +81,20 @@ COMMANDS = {
 }
 
 
+def _unavailable(name: str, package: str) -> click.Command:
+    def fail(args: tuple[str, ...]) -> None:
+        missing = errors.MissingDependencyError(f"`savepoints {name}`", package, package)
+        missing.hint = (
+            f"pip install {package} (savepoints needs it for all but running and signing an "
+            "ONNX bundle)."
+        )
+        raise missing
+
+    return click.Command(name, callback=fail, help=f"(Needs {package}, not installed here.)",
+                         context_settings={"ignore_unknown_options": True},
+                         params=[click.Argument(["args"], nargs=-1)])  # fmt: skip
+
+
 class Group(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -89,7 +103,12 @@ class Group(click.Group):
         if cmd_name not in COMMANDS:
             return None
         module, _, attr = COMMANDS[cmd_name].partition(":")
-        command = getattr(importlib.import_module(f"savepoints.cli.{module}"), attr)
+        try:
+            command = getattr(importlib.import_module(f"savepoints.cli.{module}"), attr)
+        except ImportError as e:
+            # A deployment with ONNX Runtime but no torch runs `predict BUNDLE`; the
+            # commands that need torch still list (--help) and say what is missing.
+            return _unavailable(cmd_name, (e.name or str(e)).split(".")[0])
         assert isinstance(command, click.Command) and command.name == cmd_name
         return command
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 
 from savepoints.cli.output import console, done, esc, spinner
-from savepoints.cli.resolve import is_point_folder, resolve
 from savepoints.errors import InvalidArgumentError
+from savepoints.layout import MANIFEST_NAME
 
 KEY_HELP = "Public key file (PEM) of a signer you trust; repeat for several."
 
@@ -31,10 +31,20 @@ def key_password(env: str | None) -> str | None:
 
 
 def sign_target(target: Path, ref: str | None) -> tuple[Path, str]:
-    """The folder to sign and how to name it: a run's save point (``RUN [REF]``, the
-    latest by default), a save point folder, or any other folder (an export)."""
-    if is_point_folder(target) or (target / ".savepoints").is_dir() or ref is not None:
-        point = resolve(target, ref)
+    """The folder to sign and how to name it: a run's save point (``RUN [REF]``: by
+    default the best, or the latest when the run records no metric, as ``predict`` and
+    ``export`` pick), a save point folder, or any other folder (an export, an ONNX bundle:
+    these need no torch)."""
+    if "://" in str(target):
+        raise InvalidArgumentError(
+            f"Cannot sign {target}: signatures are made on local folders.",
+            f"Pull it first (savepoints pull {target} RUN), then sign RUN.",
+        )
+    is_run = (target / ".savepoints").is_dir() or ref is not None
+    if is_run or (target / MANIFEST_NAME).is_file():
+        from savepoints.cli.resolve import resolve_best_or_latest
+
+        point = resolve_best_or_latest(target, ref, False)
         return point.path, f"save point step {point.step}"
     if not target.is_dir():
         raise InvalidArgumentError(
@@ -56,10 +66,10 @@ def sign_target(target: Path, ref: str | None) -> tuple[Path, str]:
 def sign_cmd(
     target: Path, ref: str | None, key: Path, signature: Path | None, password_env: str | None
 ) -> None:
-    """Sign a save point of TARGET (a run: REF is a step, a tag, 'latest' or 'best'; the
-    latest by default), a save point FOLDER, or an exported folder, in the OpenSSF Model
-    Signing format (model.sig in the folder). A save point is verified first: a damaged
-    one is never signed.
+    """Sign a save point of TARGET (a run: REF is a step, a tag, 'latest' or 'best'; by
+    default the best, as predict and export pick), a save point FOLDER, or an exported
+    folder or ONNX bundle, in the OpenSSF Model Signing format (model.sig in the folder).
+    A save point is verified first: a damaged one is never signed.
 
     Check it with `savepoints verify PATH --key public.pem`, or with the reference tool:
     `model_signing verify key FOLDER --signature FOLDER/model.sig --public_key public.pem`.
@@ -72,4 +82,8 @@ def sign_cmd(
         sig = sign_folder(folder, key, signature=signature, password=password)
     done(f"signed {what} ({folder}) with {key}")
     console.print(f"  signature: {esc(str(sig))}")
-    console.print(f"  check it:  savepoints verify {esc(str(folder))} --key PUBLIC_KEY.pem")
+    if signature is None:
+        console.print(f"  check it:  savepoints verify {esc(str(folder))} --key PUBLIC_KEY.pem")
+    else:  # elsewhere: the reference tool takes its path
+        console.print(f"  check it:  model_signing verify key {esc(str(folder))} --signature "
+                      f"{esc(str(sig))} --public_key PUBLIC_KEY.pem")  # fmt: skip

@@ -104,7 +104,11 @@ class OnnxBundle:
             found = found if isinstance(found, int) else -1
             raise UnsupportedFormatError(info_path, found, VERSION, writer)
         self.info: dict[str, Any] = info
-        self.labels = {int(k): str(v) for k, v in info.get("id2label", {}).items()}
+        try:
+            self.labels = {int(k): str(v) for k, v in dict(info.get("id2label") or {}).items()}
+        except (TypeError, ValueError):
+            raise CorruptBundleError(self.path, [f"{BUNDLE_INFO} has malformed 'id2label'"],
+                                     "cannot be read") from None  # fmt: skip
         self._session: Any = None
         self._tokenizer: Any = None
 
@@ -120,9 +124,17 @@ class OnnxBundle:
         return q if isinstance(q, str) else None
 
     def verify(self) -> list[Problem]:
-        """Every file the export hashed, re-hashed: missing or altered ones."""
-        problems: list[Problem] = []
-        for rel, entry in (self.info.get("files") or {}).items():
+        """Every file the export hashed, re-hashed: missing or altered ones. A bundle that
+        lists no hashes, or not those of its model and tokenizer, cannot be verified."""
+        files = self.info.get("files")
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+            return [Problem("manifest", BUNDLE_INFO, "it records no file hashes to check")]
+        problems: list[Problem] = [
+            Problem("manifest", rel, "the bundle's file list leaves it out")
+            for rel in (str(self.info.get("model", MODEL_FILE)), TOKENIZER_FILE)
+            if rel not in files
+        ]
+        for rel, entry in files.items():
             path = self.path / rel
             if not path.is_file():
                 problems.append(Problem("missing", rel, "listed in the bundle, not on disk"))
@@ -135,7 +147,9 @@ class OnnxBundle:
     def raise_if_altered(self) -> None:
         problems = self.verify()
         if problems:
-            raise CorruptBundleError(self.path, [f"{p.path} ({p.kind})" for p in problems])
+            raise CorruptBundleError(self.path, [
+                f"{p.path} ({p.detail if p.kind == 'manifest' else p.kind})" for p in problems
+            ])  # fmt: skip
 
     def _load(self) -> None:
         try:
@@ -150,7 +164,15 @@ class OnnxBundle:
                 f"The ONNX bundle {self.path} has no {TOKENIZER_FILE} (a fast tokenizer).",
                 "Export it again with a current savepoints, which writes one.",
             )
-        tokenizer = Tokenizer.from_file(str(tok_path))
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as e:  # tokenizers raises its own Exception subclass
+            raise CorruptBundleError(self.path, [f"{TOKENIZER_FILE} ({e})"],
+                                     "cannot be read") from None  # fmt: skip
+        if self.info.get("truncation_side") in ("left", "right"):
+            truncation_direction = str(self.info["truncation_side"])
+        else:
+            truncation_direction = "right"
         pad_id = self.info.get("pad_token_id")
         if isinstance(pad_id, int):
             tokenizer.enable_padding(
@@ -160,9 +182,14 @@ class OnnxBundle:
             )
         max_length = self.info.get("max_length")
         if isinstance(max_length, int):
-            tokenizer.enable_truncation(max_length=max_length)
+            tokenizer.enable_truncation(max_length=max_length, direction=truncation_direction)
         model = self.path / str(self.info.get("model", MODEL_FILE))
-        self._session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        try:
+            self._session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own errors (a damaged or missing graph)
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CorruptBundleError(self.path, [f"{model.name} ({why})"],
+                                     "cannot be loaded by ONNX Runtime") from None  # fmt: skip
         self._tokenizer = tokenizer
 
     def logits(self, texts: Sequence[str]) -> Any:
