@@ -61,8 +61,8 @@ from savepoints.savepoint import SavePoint
 from savepoints.staging import FileRecorder
 from savepoints.storage import Storage
 from savepoints.writer import (
+    Continues,
     clear_error,
-    continued_from,
     new_bytes,
     record_save,
     replaces,
@@ -253,7 +253,7 @@ def _short(text: str, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class RankWriter:
+class RankWriter(Continues):
     """Writes the save points of a run from every rank of a job (see the module's
     docstring for the protocol). The same ``save`` as :class:`~savepoints.writer.Writer`,
     synchronous only; rank 0 alone touches the storage's commit side."""
@@ -281,18 +281,6 @@ class RankWriter:
         self.lineage = lineage
         #: Kept on every rank (they restore and save the same steps); rank 0's is written.
         self.ancestry = Ancestry()
-
-    @property
-    def parent(self) -> int | None:
-        return self.ancestry.parent
-
-    @parent.setter
-    def parent(self, step: int | None) -> None:
-        self.ancestry = Ancestry(step)
-
-    def continue_from(self, point: SavePoint, *, this_run: bool = True) -> None:
-        """As :meth:`savepoints.writer.Writer.continue_from`."""
-        self.ancestry = continued_from(point, this_run=this_run)
 
     def wait(self) -> SavePoint | None:
         return None

@@ -114,7 +114,29 @@ def write_components(
     return contents
 
 
-class Writer:
+class Continues:
+    """What a writer knows of the save point its next one continues from: ``ancestry``
+    (the last save or restore, and the chain before it). Shared by :class:`Writer` and
+    :class:`savepoints.distributed.RankWriter`."""
+
+    ancestry: Ancestry
+
+    @property
+    def parent(self) -> int | None:
+        """Step of the save point the next one continues from (the last save or restore)."""
+        return self.ancestry.parent
+
+    @parent.setter
+    def parent(self, step: int | None) -> None:
+        self.ancestry = Ancestry(step)  # what came before it is unknown
+
+    def continue_from(self, point: SavePoint, *, this_run: bool = True) -> None:
+        """The next save point continues from ``point`` (just restored), and inherits its
+        chain; of another run (a warm start), its folder is recorded too."""
+        self.ancestry = continued_from(point, this_run=this_run)
+
+
+class Writer(Continues):
     """Writes the save points of one run, one at a time, through ``storage``."""
 
     def __init__(
@@ -145,20 +167,6 @@ class Writer:
         self._copy_pool: ThreadPoolExecutor | None = None
         #: The save point the next one continues from (the last save or restore).
         self.ancestry = Ancestry()
-
-    @property
-    def parent(self) -> int | None:
-        """Step of the save point the next one continues from (the last save or restore)."""
-        return self.ancestry.parent
-
-    @parent.setter
-    def parent(self, step: int | None) -> None:
-        self.ancestry = Ancestry(step)  # what came before it is unknown
-
-    def continue_from(self, point: SavePoint, *, this_run: bool = True) -> None:
-        """The next save point continues from ``point`` (just restored), and inherits its
-        chain; of another run (a warm start), its folder is recorded too."""
-        self.ancestry = continued_from(point, this_run=this_run)
 
     @property
     def snapshot(self) -> SnapshotMode:
